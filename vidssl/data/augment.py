@@ -1,0 +1,108 @@
+"""Clip-consistent augmentation on uint8 tensors ``(T, C, H, W)``.
+
+One parameter draw per clip, applied to every frame of it (a crop that moved between frames
+would be fake motion). The ssl mode draws once for context+future together (the future must
+stay aligned with the context) and independently for the other window. Normalisation to float
+happens on the training device, not here.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+__all__ = ["train_params", "apply_train", "eval_views", "TrainParams"]
+
+
+class TrainParams:
+    """One draw: crop box (top, left, height, width), flip, jitter factors in application order, gray."""
+
+    def __init__(self, box, flip, jitter, gray):
+        self.box = box
+        self.flip = flip
+        self.jitter = jitter  # list of (name, factor)
+        self.gray = gray
+
+    def __repr__(self) -> str:
+        return f"TrainParams(box={self.box}, flip={self.flip}, jitter={self.jitter}, gray={self.gray})"
+
+
+def _crop_box(h: int, w: int, scale, ratio, rng: random.Random) -> tuple[int, int, int, int]:
+    # torchvision RandomResizedCrop.get_params, drawn from our seeded rng.
+    area = h * w
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        ar = math.exp(rng.uniform(*log_r))
+        cw = int(round(math.sqrt(target * ar)))
+        ch = int(round(math.sqrt(target / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return rng.randint(0, h - ch), rng.randint(0, w - cw), ch, cw
+    # Fallback: central crop at the nearest allowed ratio.
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def train_params(h: int, w: int, cfg, rng: random.Random) -> TrainParams:
+    """Draw one set of parameters for a clip of frame size (h, w) from ``cfg`` (a DataConfig)."""
+    box = _crop_box(h, w, cfg.scale, cfg.ratio, rng)
+    flip = cfg.flip and rng.random() < 0.5
+    jitter = []
+    if cfg.jitter_p > 0 and rng.random() < cfg.jitter_p and (cfg.jitter > 0 or cfg.hue > 0):
+        ops = []
+        if cfg.jitter > 0:
+            for name in ("brightness", "contrast", "saturation"):
+                ops.append((name, rng.uniform(max(0.0, 1 - cfg.jitter), 1 + cfg.jitter)))
+        if cfg.hue > 0:
+            ops.append(("hue", rng.uniform(-cfg.hue, cfg.hue)))
+        rng.shuffle(ops)
+        jitter = ops
+    gray = cfg.grayscale_p > 0 and rng.random() < cfg.grayscale_p
+    return TrainParams(box, flip, jitter, gray)
+
+
+def apply_train(x: torch.Tensor, p: TrainParams, size: int) -> torch.Tensor:
+    """(T, C, H, W) uint8 → (T, C, size, size) uint8 with parameters ``p`` on every frame."""
+    import torchvision.transforms.v2.functional as F  # noqa: PLC0415
+
+    top, left, h, w = p.box
+    x = F.resized_crop(x, top, left, h, w, [size, size], antialias=True)
+    if p.flip:
+        x = x.flip(-1)
+    for name, f in p.jitter:
+        if name == "brightness":
+            x = F.adjust_brightness(x, f)
+        elif name == "contrast":
+            x = F.adjust_contrast(x, f)
+        elif name == "saturation":
+            x = F.adjust_saturation(x, f)
+        else:
+            x = F.adjust_hue(x, f)
+    if p.gray:
+        x = F.rgb_to_grayscale(x, num_output_channels=3)
+    return x.contiguous()
+
+
+def eval_views(x: torch.Tensor, resize: int, size: int, crops: int) -> list[torch.Tensor]:
+    """(T, C, H, W) uint8 → ``crops`` tensors (T, C, size, size): short side resized to ``resize``,
+    then the centre crop (crops=1) or left/centre/right (top/centre/bottom for portrait) crops."""
+    import torchvision.transforms.v2.functional as F  # noqa: PLC0415
+
+    x = F.resize(x, [max(resize, size)], antialias=True)
+    h, w = x.shape[-2:]
+    if crops == 1:
+        return [F.center_crop(x, [size, size]).contiguous()]
+    top, left = (h - size) // 2, (w - size) // 2
+    if w >= h:
+        boxes = [(top, 0), (top, left), (top, w - size)]
+    else:
+        boxes = [(0, left), (top, left), (h - size, left)]
+    return [x[..., t:t + size, l:l + size].contiguous() for t, l in boxes]

@@ -1,0 +1,119 @@
+"""``vidssl data``: inspect a dataset through the loader.
+
+    vidssl data peek [-n N] DATASET [config.yaml] [key=value ...]   read N batches: shapes/keys/labels/time
+    vidssl data plan [--world-size W] DATASET [config.yaml] [key=value ...]   batches per rank, coverage, padding
+
+Options go before DATASET (everything after it is config). Overrides are DataConfig fields (``frames=16 mode=clip workers=0``), see docs/data.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register", "run_peek", "run_plan"]
+
+
+def register(sub) -> None:
+    from vidssl.cli import Parser, add_command  # noqa: PLC0415
+
+    p = add_command(sub, "data", help="inspect a dataset through the streaming loader (peek, plan)")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=Parser)
+    dsub.required = True
+    peek = add_command(dsub, "peek", help="read a few batches and print their shapes, keys, labels and timing")
+    peek.add_argument("dataset", help="dataset folder or URL (holding index.json)")
+    peek.add_argument("config", nargs="*", help="a data config *.yaml and/or DataConfig overrides KEY=VALUE")
+    peek.add_argument("-n", "--batches", type=int, default=3, help="batches to read (default 3)")
+    peek.add_argument("--rank", type=int, default=0)
+    peek.add_argument("--world-size", type=int, default=1)
+    peek.set_defaults(func=run_peek)
+    plan = add_command(dsub, "plan", help="print the epoch plan: batches per rank, coverage, padding")
+    plan.add_argument("dataset", help="dataset folder or URL (holding index.json)")
+    plan.add_argument("config", nargs="*", help="a data config *.yaml and/or DataConfig overrides KEY=VALUE")
+    plan.add_argument("--world-size", type=int, default=1)
+    plan.add_argument("--epoch", type=int, default=0)
+    plan.set_defaults(func=run_plan)
+
+
+def _config(args: argparse.Namespace):
+    from vidssl.config import parse_config_args  # noqa: PLC0415
+    from vidssl.data.config import DataConfig  # noqa: PLC0415
+    from vidssl.errors import UserError  # noqa: PLC0415
+
+    if getattr(args, "world_size", 1) < 1:
+        raise UserError(f"--world-size: got {args.world_size}; allowed: >= 1")
+    return parse_config_args(DataConfig, [*args.config, f"dataset={args.dataset}"])
+
+
+def _shape(v) -> str:
+    if hasattr(v, "shape"):
+        return f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+    if isinstance(v, list):
+        return f"list[{len(v)}]"
+    return type(v).__name__
+
+
+def run_peek(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    from vidssl.data.loader import build_loader  # noqa: PLC0415
+    from vidssl.errors import UserError  # noqa: PLC0415
+
+    if args.batches < 1:
+        raise UserError(f"--batches: got {args.batches}; allowed: >= 1")
+    cfg = _config(args)
+    t0 = time.perf_counter()
+    loader = build_loader(cfg, rank=args.rank, world_size=args.world_size)
+    print(f"dataset {', '.join(cfg.dataset)}: mode={cfg.mode} backend={cfg.backend} workers={cfg.workers} "
+          f"batches/epoch={len(loader)} (rank {args.rank} of {args.world_size})")
+    t_first = None
+    n = 0
+    clips = 0
+    for batch in loader:
+        now = time.perf_counter()
+        t_first = t_first or now - t0
+        n += 1
+        clips += len(batch["key"])
+        shapes = ", ".join(f"{k} {_shape(v)}" for k, v in batch.items() if k not in ("key", "frame_indices"))
+        fi = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch["frame_indices"].items())
+        labels = batch["label"].tolist()
+        names = [loader.classes[i] if 0 <= i < len(loader.classes) else "-" for i in labels]
+        print(f"batch {n}: {shapes}; frame_indices {fi}")
+        print(f"  keys {batch['key'][:4]}{' ...' if len(batch['key']) > 4 else ''}  labels {labels[:8]} {names[:8]}  "
+              f"valid {int(batch['valid'].sum())}/{len(labels)}")
+        if n >= args.batches:
+            break
+    total = time.perf_counter() - t0
+    print(f"read {n} batches ({clips} clips) in {total:.2f}s (first batch after {t_first or 0:.2f}s)")
+    errs = dict(loader.stats["errors"])
+    if errs:
+        print(f"skipped samples: {errs}")
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from vidssl.data.index import open_index  # noqa: PLC0415
+    from vidssl.data.plan import ShardRef, plan_epoch  # noqa: PLC0415
+    from vidssl.errors import UserError  # noqa: PLC0415
+
+    cfg = _config(args)
+    if args.epoch < 0:
+        raise UserError(f"--epoch: got {args.epoch}; allowed: >= 0")
+    shards = [ShardRef(d, name, url, n) for d, loc in enumerate(cfg.dataset)
+              for name, url, n in open_index(loc, cfg.read_timeout).shards]
+    try:
+        plan = plan_epoch(shards, seed=cfg.seed, epoch=args.epoch, world_size=args.world_size,
+                          workers=cfg.logical_workers, batch_size=cfg.batch_size, drop_last=cfg.drop_last,
+                          shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, weights=cfg.weights,
+                          resampled=cfg.resampled, steps_per_epoch=cfg.steps_per_epoch, ranks=[0])
+    except ValueError as exc:
+        raise UserError(f"data plan: {exc}") from None
+    s = plan.summary()
+    print(f"dataset {', '.join(cfg.dataset)}: {len(shards)} shards, {s['samples_total']} samples")
+    print(f"epoch {args.epoch}: world_size={args.world_size} workers={plan.workers} batch_size={cfg.batch_size} "
+          f"{'resampled' if cfg.resampled else 'drop_last=' + str(cfg.drop_last).lower()}")
+    print(f"batches per rank: {plan.batches_per_rank} (every rank)")
+    per_worker = [plan.worker(0, k).batches for k in range(plan.workers)]
+    print(f"batches per worker on rank 0: {per_worker}")
+    print(f"samples selected {s['samples_selected']}, covered {s['samples_covered']} "
+          f"(coverage {100 * plan.coverage:.1f}%), padding {s['samples_padding']}, dropped {s['samples_dropped']}")
+    return 0
