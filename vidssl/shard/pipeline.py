@@ -1,0 +1,597 @@
+"""The sharding job: inputs → worker processes → in-order shard writer → journal → index.
+
+Data flow (each arrow a bounded hand-over)::
+
+    items (ordered, this job's share)
+      │  parent dispatches at most ``window`` inputs ahead of the writer
+      ▼
+    WorkerPool: one process per worker, one input at a time, killed+replaced on timeout
+      │  result = sample metadata + paths of encoded clips in OUTDIR/.vidssl-shard/tmp-*/
+      ▼
+    reorder buffer (dict by input position, ≤ window entries) → ShardWriter in input order
+      │  each commit appends one line to the job journal (fsynced) …
+      ▼
+    … which is what a rerun resumes from: committed shards are kept, the rest is redone.
+
+Shard names and contents depend only on the inputs and the settings: shard *n* of job *j*
+always starts at the same (input, clip) position, so a resumed run ends byte-identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from multiprocessing.connection import wait as mp_wait
+from typing import Any
+
+from vidssl.errors import UserError
+from vidssl.shard.config import ShardConfig
+from vidssl.shard.sources import InputItem, expand_sources, fingerprint, resolve_labels, slug
+from vidssl.shard.writer import ShardWriter, atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger("vidssl.shard")
+
+FORMAT = "vidssl-shards"
+VERSION = 1
+STATE_DIR = ".vidssl-shard"
+
+
+# ---- worker processes ---------------------------------------------------------------------------
+
+class _Worker:
+    def __init__(self) -> None:
+        import socket
+        import subprocess
+        from multiprocessing.connection import Connection
+
+        ours, theirs = socket.socketpair()
+        # MALLOC_PERTURB_: glibc fills fresh and freed heap blocks with a fixed byte. x264 reads some
+        # memory it never initialised (lookahead/border analysis); without this its output could
+        # depend on what the worker encoded before, breaking byte-identical shards across runs.
+        env = {**os.environ, "MALLOC_PERTURB_": os.environ.get("MALLOC_PERTURB_", "85")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "vidssl.shard.worker", str(theirs.fileno())],
+                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.pos: int | None = None  # input position being worked on
+        self.task: dict[str, Any] | None = None
+        self.started = 0.0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(5)
+        except Exception:  # noqa: BLE001 - a process that will not die is left to the OS
+            pass
+        self.conn.close()
+
+
+class WorkerPool:
+    """``n`` worker processes with a per-input deadline (a hung worker is killed and replaced)."""
+
+    def __init__(self, n: int, timeout: float) -> None:
+        self.n = n
+        self.timeout = timeout
+        self.workers: list[_Worker] = []
+
+    def idle(self) -> _Worker | None:
+        for w in self.workers:
+            if w.pos is None:
+                return w
+        if len(self.workers) < self.n:
+            w = _Worker()
+            self.workers.append(w)
+            return w
+        return None
+
+    def submit(self, worker: _Worker, pos: int, task: dict[str, Any]) -> None:
+        worker.conn.send(task)
+        worker.pos, worker.task, worker.started = pos, task, time.monotonic()
+
+    def _replace(self, w: _Worker) -> None:
+        w.kill()
+        self.workers.remove(w)
+
+    def poll(self, max_wait: float) -> list[tuple[int, dict[str, Any]]]:
+        """Results ready within ``max_wait`` seconds, including timeout/crash records."""
+        busy = [w for w in self.workers if w.pos is not None]
+        if not busy:
+            return []
+        now = time.monotonic()
+        deadline = min(w.started + self.timeout for w in busy)
+        wait_s = max(0.0, min(max_wait, deadline - now))
+        ready = set(mp_wait([w.conn for w in busy], timeout=wait_s))
+        out = []
+        now = time.monotonic()
+        for w in busy:
+            pos, task = w.pos, w.task
+            assert pos is not None and task is not None
+            if w.conn in ready:
+                try:
+                    result = w.conn.recv()
+                    w.pos = w.task = None
+                    out.append((pos, result))
+                    continue
+                except (EOFError, OSError):  # the socket closed: the worker died
+                    try:
+                        code = w.proc.wait(5)
+                    except Exception:  # noqa: BLE001
+                        code = None
+                    self._replace(w)
+                    _remove_task_files(task)
+                    out.append((pos, _error_result(task, "decode", f"worker process died while handling this "
+                                                                    f"input (exit code {code}); input rejected")))
+            elif now - w.started >= self.timeout:
+                self._replace(w)
+                _remove_task_files(task)
+                out.append((pos, _error_result(task, "timeout", f"no result after {self.timeout:g}s; "
+                                                                 "the worker was killed and replaced")))
+        return out
+
+    def close(self) -> None:
+        for w in self.workers:
+            try:
+                if w.pos is None:
+                    w.conn.send(None)
+            except OSError:
+                pass
+        for w in self.workers:
+            if w.pos is None:
+                try:
+                    w.proc.wait(2)
+                except Exception:  # noqa: BLE001
+                    pass
+            w.kill()
+        self.workers = []
+
+
+def _error_result(task: dict[str, Any], stage: str, reason: str) -> dict[str, Any]:
+    return {"index": task["index"], "samples": [], "errors": [{"stage": stage, "reason": reason}],
+            "skipped": False}
+
+
+def _remove_task_files(task: dict[str, Any]) -> None:
+    for path in glob.glob(os.path.join(glob.escape(task["tmpdir"]), f"{task['index']:08d}-*")):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+# ---- settings, journal, resume ------------------------------------------------------------------
+
+def library_versions() -> dict[str, str]:
+    import platform
+
+    import av
+
+    from vidssl import __version__
+
+    return {"vidssl": __version__, "av": av.__version__,
+            "ffmpeg": str(getattr(av, "ffmpeg_version_info", "")) or "unknown",
+            "libavcodec": ".".join(map(str, av.library_versions.get("libavcodec", ()))),
+            "python": platform.python_version()}
+
+
+def _job_tag(cfg: ShardConfig) -> str:
+    return f"-j{cfg.job_index:04d}" if cfg.num_jobs > 1 else ""
+
+
+def _journal_path(outdir: str, cfg: ShardConfig) -> str:
+    return os.path.join(outdir, STATE_DIR, f"journal{_job_tag(cfg) or '-j0000'}.jsonl")
+
+
+def _read_journal(path: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Header and commit records; a torn last line (crash while appending) is ignored."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+    except FileNotFoundError:
+        return None, []
+    records = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    if not records or "settings" not in records[0]:
+        return None, []
+    return records[0], records[1:]
+
+
+def _append_line(path: str, obj: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _clear_outdir(outdir: str) -> None:
+    """``overwrite``: remove what vidssl shard wrote (shards, index, errors, state) and nothing else."""
+    index = _load_json(os.path.join(outdir, "index.json")) or {}
+    names = {s.get("name") for s in index.get("shards", []) if isinstance(s, dict)}
+    for path in glob.glob(os.path.join(glob.escape(outdir), STATE_DIR, "journal*.jsonl")):
+        _, recs = _read_journal(path)
+        names |= {r["shard"]["name"] for r in recs if "shard" in r}
+    for name in names:
+        if isinstance(name, str) and "/" not in name:
+            _unlink(os.path.join(outdir, name))
+    for path in glob.glob(os.path.join(glob.escape(outdir), ".*.tar.partial")):
+        _unlink(path)
+    for name in ("index.json", "errors.jsonl"):
+        _unlink(os.path.join(outdir, name))
+    shutil.rmtree(os.path.join(outdir, STATE_DIR), ignore_errors=True)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _load_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ---- progress -----------------------------------------------------------------------------------
+
+class _Progress:
+    """tqdm bar on a terminal, a log line every ``log_every`` seconds otherwise."""
+
+    def __init__(self, cfg: ShardConfig, total: int, done: int) -> None:
+        mode = cfg.progress
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode = mode
+        self.total, self.done = total, done
+        self.clips = self.errors = 0
+        self.bytes_in = 0
+        self.t0 = time.monotonic()
+        self.last_log = self.t0
+        self.every = cfg.log_every
+        self.bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="input", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, samples: int, errors: int, nbytes: int) -> None:
+        self.done += 1
+        self.clips += samples
+        self.errors += errors
+        self.bytes_in += nbytes
+        dt = max(1e-6, time.monotonic() - self.t0)
+        mbs = self.bytes_in / dt / 1e6
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"clips={self.clips} errors={self.errors} {mbs:.1f}MB/s", refresh=False)
+            self.bar.update(1)
+        elif self.mode == "log" and (time.monotonic() - self.last_log >= self.every or self.done == self.total):
+            self.last_log = time.monotonic()
+            rate = (self.done) / dt
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info("inputs %d/%d, clips %d, errors %d, %.1f MB/s in, ETA %s", self.done, self.total,
+                     self.clips, self.errors, mbs, "?" if eta == float("inf") else f"{eta:.0f}s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- the job ------------------------------------------------------------------------------------
+
+def _check_args(cfg: ShardConfig) -> tuple[str, str]:
+    if not cfg.output:
+        raise UserError("output: no OUTDIR given (-o OUTDIR)")
+    outdir = os.path.abspath(os.path.expanduser(cfg.output))
+    parent = os.path.dirname(outdir)
+    if not os.path.isdir(parent):
+        raise UserError(f"output {cfg.output!r}: parent folder {parent!r} does not exist")
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise UserError(f"output {cfg.output!r}: exists and is not a folder")
+    prefix = cfg.prefix or slug(os.path.basename(outdir), 60)
+    return outdir, prefix
+
+
+def _task(cfg: ShardConfig, item: InputItem, pos: int, label: tuple[int, str | None], tmpdir: str) -> dict[str, Any]:
+    return {"index": pos, "path": item.path, "start": item.start, "end": item.end, "strict": item.strict,
+            "label": label[0], "label_name": label[1], "extra": item.extra, "tmpdir": tmpdir,
+            "clip_seconds": cfg.clip_seconds, "clip_stride": cfg.clip_stride, "min_seconds": cfg.min_seconds,
+            "short_side": cfg.short_side, "fps": cfg.fps, "codec": cfg.codec, "encoder": cfg.encoder,
+            "crf": cfg.crf, "preset": cfg.preset, "gop": cfg.gop, "bframes": cfg.bframes,
+            "threads": cfg.threads, "copy": cfg.copy}
+
+
+def run_shard(cfg: ShardConfig) -> dict[str, Any]:
+    """Shard ``cfg.sources`` into ``cfg.output``; resumes a previous run of the same settings.
+
+    Returns a summary dict: ``samples``, ``shards``, ``rejected``, ``dropped_short``, ``skipped``,
+    ``inputs``, ``frames``, ``bytes``, ``bytes_in``, ``seconds`` (wall time), ``resumed_shards``,
+    ``index`` (path of index.json, or None while other jobs of a multi-job run are unfinished).
+    Raises :class:`UserError` for unusable arguments (no sources, missing OUTDIR parent, an OUTDIR
+    made with other settings without ``overwrite``).
+    """
+    t_start = time.monotonic()
+    outdir, prefix = _check_args(cfg)
+    items = expand_sources(cfg.sources, exclude=outdir)
+    if not items:
+        raise UserError(f"no input files found in SOURCE {cfg.sources!r}")
+    classes, labels = resolve_labels(items, cfg.classes)
+    settings = cfg.output_settings()
+    settings["prefix"] = prefix
+    settings["inputs"] = {"count": len(items), "sha256": fingerprint(items)}
+    settings["classes"] = classes
+    settings["versions"] = {k: v for k, v in library_versions().items() if k != "python"}
+
+    os.makedirs(outdir, exist_ok=True)
+    state = os.path.join(outdir, STATE_DIR)
+    journal = _journal_path(outdir, cfg)
+    header, commits = _read_journal(journal)
+    index_settings = (_load_json(os.path.join(outdir, "index.json")) or {}).get("settings")
+    old = header["settings"] if header else None
+    if old is None and isinstance(index_settings, dict):
+        old = {k: index_settings.get(k) for k in settings}
+    if old is not None and old != settings:
+        if not cfg.overwrite:
+            diff = "; ".join(_settings_diff(old, settings)[:6])
+            raise UserError(f"output {cfg.output!r} was made with other settings ({diff}); rerun with the "
+                            "same settings to resume, or pass overwrite=true (--overwrite) to replace it")
+        log.warning("overwrite: removing the previous dataset in %s", outdir)
+        _clear_outdir(outdir)
+        header, commits = None, []
+    os.makedirs(state, exist_ok=True)
+    if header is None:
+        _unlink(journal)
+        _append_line(journal, {"settings": settings})
+    tag = _job_tag(cfg)
+    tmpdir = os.path.join(state, f"tmp{tag or '-j0000'}")
+    shutil.rmtree(tmpdir, ignore_errors=True)
+    os.makedirs(tmpdir)
+    for path in glob.glob(os.path.join(glob.escape(outdir), f".{glob.escape(prefix)}{tag}-*.tar.partial")):
+        _unlink(path)
+
+    mine = [i for i in range(len(items)) if i % cfg.num_jobs == cfg.job_index]
+
+    # Resume: keep committed shards that are still intact on disk; redo from the first that is not.
+    kept: list[dict[str, Any]] = []
+    for rec in commits:
+        if "shard" in rec:
+            path = os.path.join(outdir, rec["shard"]["name"])
+            if not os.path.isfile(path) or os.path.getsize(path) != rec["shard"]["bytes"]:
+                log.warning("shard %s is missing or damaged: redoing from there", rec["shard"]["name"])
+                break
+        kept.append(rec)
+    if len(kept) != len(commits):
+        tmp_journal = journal + ".rewrite"
+        with open(tmp_journal, "w", encoding="utf-8") as fh:
+            for rec in [{"settings": settings}, *kept]:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.replace(tmp_journal, journal)
+    shards = [rec["shard"] for rec in kept if "shard" in rec]
+    errors: list[dict[str, Any]] = [e for rec in kept for e in rec.get("errors", [])]
+    skipped = sum(rec.get("skipped", 0) for rec in kept)
+    finished = bool(kept) and kept[-1].get("final", False)
+    start_pos, skip_clips = (kept[-1]["next"] if kept else (0, 0))
+
+    summary: dict[str, Any]
+    if not finished:
+        skipped += _run_inputs(cfg, items, labels, mine, outdir, prefix, tag, tmpdir, journal, shards, errors,
+                               start_pos, skip_clips)
+    shutil.rmtree(tmpdir, ignore_errors=True)
+
+    job_record = {"job_index": cfg.job_index, "num_jobs": cfg.num_jobs, "settings": settings, "classes": classes,
+                  "shards": shards, "errors": errors, "skipped": skipped}
+    index_path = None
+    if cfg.num_jobs == 1:
+        index_path = _write_index(outdir, settings, classes, [job_record], cfg)
+    else:
+        atomic_write_json(os.path.join(state, f"done{tag}.json"), job_record)
+        try:
+            index_path = merge_index(outdir)
+        except UserError as exc:
+            log.info("index.json not written yet: %s", exc)
+    dropped = sum(1 for e in errors if e.get("_short"))
+    summary = {
+        "inputs": len(mine), "samples": sum(s["samples"] for s in shards), "shards": len(shards),
+        "rejected": sum(1 for e in errors if not e.get("_short")), "dropped_short": dropped,
+        "skipped": skipped, "frames": sum(s["frames"] for s in shards),
+        "clip_seconds": round(sum(s["seconds"] for s in shards), 3), "bytes": sum(s["bytes"] for s in shards),
+        "resumed_shards": sum(1 for r in kept if "shard" in r), "seconds": round(time.monotonic() - t_start, 3),
+        "index": index_path, "output": outdir,
+    }
+    return summary
+
+
+def _run_inputs(cfg, items, labels, mine, outdir, prefix, tag, tmpdir, journal, shards, errors,
+                start_pos, skip_clips) -> int:
+    """The main loop: dispatch, reorder, write shards, journal each commit. Returns skipped count."""
+    n_workers = min(cfg.n_workers, max(1, len(mine) - start_pos))
+    window = max(4, 3 * n_workers)  # inputs in flight or finished but not yet written
+    pool = WorkerPool(n_workers, cfg.timeout)
+    progress = _Progress(cfg, len(mine), start_pos)
+    shard_bytes, shard_samples = cfg.shard_bytes, cfg.shard_samples
+    results: dict[int, dict[str, Any]] = {}
+    pending_errors: list[dict[str, Any]] = []
+    writer: ShardWriter | None = None
+    state = {"skipped": 0, "pending_skipped": 0}
+    next_issue = next_write = start_pos
+
+    def shard_name() -> str:
+        return f"{prefix}{tag}-{len(shards):06d}.tar"
+
+    def commit(next_pos: tuple[int, int], final: bool = False) -> None:
+        nonlocal writer
+        rec: dict[str, Any] = {"next": list(next_pos), "errors": list(pending_errors),
+                               "skipped": state["pending_skipped"]}
+        if writer is not None:
+            rec["shard"] = writer.commit()
+            shards.append(rec["shard"])
+            writer = None
+        if final:
+            rec["final"] = True
+        _append_line(journal, rec)
+        errors.extend(pending_errors)
+        pending_errors.clear()
+        state["skipped"] += state["pending_skipped"]
+        state["pending_skipped"] = 0
+
+    def consume(pos: int, result: dict[str, Any]) -> None:
+        nonlocal writer
+        item = items[mine[pos]]
+        samples = result["samples"]
+        if pos == start_pos and skip_clips:
+            for s in samples[:skip_clips]:  # already in a committed shard
+                _unlink(s["file"])
+            samples_iter = list(enumerate(samples))[skip_clips:]
+        else:
+            samples_iter = list(enumerate(samples))
+        for j, sample in samples_iter:
+            meta = sample["meta"]
+            meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+            cls = str(meta["label"]).encode() if meta["label"] >= 0 else None
+            extra = ShardWriter.sample_bytes(meta_json, sample["bytes"], cls)
+            if writer is not None and (writer.samples >= shard_samples
+                                       or writer.final_size_if_added(extra) > shard_bytes):
+                commit((pos, j))
+            if writer is None:
+                writer = ShardWriter(outdir, shard_name())
+            writer.add(meta["key"], meta_json, sample["file"], cls, meta["frames"], meta["frames"] / meta["fps"])
+            _unlink(sample["file"])
+        for e in result["errors"]:
+            rec = {"source": item.path, **e, "_input": mine[pos]}
+            pending_errors.append(rec)
+        if result.get("skipped"):
+            state["pending_skipped"] += 1
+        try:
+            nbytes = os.path.getsize(item.path) if result["samples"] else 0
+        except OSError:
+            nbytes = 0
+        progress.update(len(result["samples"]), len(result["errors"]), nbytes)
+
+    try:
+        while next_write < len(mine):
+            # Dispatch while the reorder window has room (bounds memory and temp disk use).
+            while next_issue < len(mine) and next_issue - next_write < window:
+                item = items[mine[next_issue]]
+                if item.error is not None:
+                    results[next_issue] = {"index": next_issue, "samples": [], "skipped": False,
+                                           "errors": [{"stage": item.error[0], "reason": item.error[1]}]}
+                else:
+                    worker = pool.idle()
+                    if worker is None:
+                        break
+                    pool.submit(worker, next_issue, _task(cfg, item, next_issue, labels[mine[next_issue]], tmpdir))
+                next_issue += 1
+            while next_write in results:
+                consume(next_write, results.pop(next_write))
+                next_write += 1
+            if next_write >= len(mine):
+                break
+            if next_write not in results:
+                for pos, result in pool.poll(1.0):
+                    results[pos] = result
+        commit((len(mine), 0), final=True)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        pool.close()
+        progress.close()
+    return state["skipped"]
+
+
+# ---- index --------------------------------------------------------------------------------------
+
+def _public_error(e: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in e.items() if not k.startswith("_")}
+
+
+def _write_index(outdir: str, settings: dict[str, Any], classes: list[str], jobs: list[dict[str, Any]],
+                 cfg: ShardConfig | None = None) -> str:
+    """errors.jsonl then index.json (last, atomically)."""
+    shards = [s for job in jobs for s in job["shards"]]
+    errors = [e for job in jobs for e in job["errors"]]
+    body = "".join(json.dumps(_public_error(e), ensure_ascii=False) + "\n" for e in errors)
+    atomic_write_bytes(os.path.join(outdir, "errors.jsonl"), body.encode("utf-8"))
+    full_settings = dict(settings)
+    if cfg is not None:
+        full_settings["sources"] = list(cfg.sources)
+    index = {
+        "format": FORMAT, "version": VERSION, "name": settings.get("prefix") or os.path.basename(outdir),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "settings": full_settings, "classes": classes, "shards": shards,
+        "totals": {"shards": len(shards), "samples": sum(s["samples"] for s in shards),
+                   "frames": sum(s["frames"] for s in shards),
+                   "seconds": round(sum(s["seconds"] for s in shards), 6),
+                   "bytes": sum(s["bytes"] for s in shards),
+                   "rejected": sum(1 for e in errors if not e.get("_short")),
+                   "dropped_short": sum(1 for e in errors if e.get("_short")),
+                   "skipped": sum(job.get("skipped", 0) for job in jobs)},
+        "versions": library_versions(),
+    }
+    path = os.path.join(outdir, "index.json")
+    atomic_write_json(path, index)
+    return path
+
+
+def merge_index(outdir: str) -> str:
+    """Combine the finished jobs of a multi-job run into ``index.json`` (+ ``errors.jsonl``).
+
+    Raises :class:`UserError` naming the jobs that have not finished, or when the jobs were run
+    with different settings. Returns the path of ``index.json``.
+    """
+    outdir = os.path.abspath(outdir)
+    state = os.path.join(outdir, STATE_DIR)
+    done = sorted(glob.glob(os.path.join(glob.escape(state), "done-j*.json")))
+    if not done:
+        if os.path.isfile(os.path.join(outdir, "index.json")):
+            return os.path.join(outdir, "index.json")  # a single-job dataset: already complete
+        raise UserError(f"merge {outdir!r}: no finished job found (nothing in {STATE_DIR}/done-j*.json)")
+    jobs = [_load_json(p) for p in done]
+    if any(j is None for j in jobs):
+        raise UserError(f"merge {outdir!r}: a job summary in {STATE_DIR} is unreadable")
+    num = jobs[0]["num_jobs"]
+    settings = jobs[0]["settings"]
+    for j in jobs:
+        if j["settings"] != settings:
+            raise UserError(f"merge {outdir!r}: job {j['job_index']} used other settings than job "
+                            f"{jobs[0]['job_index']} ({'; '.join(_settings_diff(settings, j['settings'])[:4])})")
+    have = {j["job_index"] for j in jobs}
+    missing = [i for i in range(num) if i not in have]
+    if missing:
+        raise UserError(f"merge {outdir!r}: jobs {missing[:10]} of {num} have not finished")
+    jobs.sort(key=lambda j: j["job_index"])
+    return _write_index(outdir, settings, jobs[0]["classes"], jobs)
+
+
+def dataset_info(outdir: str) -> dict[str, Any]:
+    """Summary of a dataset folder from its ``index.json`` (raises UserError when there is none)."""
+    path = os.path.join(outdir, "index.json")
+    index = _load_json(path)
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise UserError(f"{outdir!r}: no vidssl dataset here (index.json missing or not a {FORMAT} index)")
+    totals = index.get("totals", {})
+    return {"name": index.get("name"), "path": os.path.abspath(outdir), "version": index.get("version"),
+            "created": index.get("created"), "classes": index.get("classes", []), **totals,
+            "settings": index.get("settings", {}), "versions": index.get("versions", {})}
