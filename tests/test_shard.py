@@ -9,6 +9,7 @@ import json
 import math
 import os
 import tarfile
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -223,8 +224,8 @@ def test_vfr_comes_out_constant_rate(faults):
         pts = [f.pts for f in c.decode(video=0)]
     steps = set(np.diff(pts).tolist())
     assert len(steps) == 1  # constant frame interval
-    # One output frame per 1/fps step that starts inside the source span.
-    assert meta["fps"] == 10.0 and meta["frames"] == math.ceil((meta["clip_end"] - meta["clip_start"]) * 10 - 1e-9)
+    # One output frame per 1/fps interval whose middle lies inside the source span (round half down).
+    assert meta["fps"] == 10.0 and meta["frames"] == math.ceil((meta["clip_end"] - meta["clip_start"]) * 10 - 0.5)
 
 
 def test_empty_source_list_is_a_user_error(tmp_path):
@@ -444,3 +445,128 @@ def test_cli_shard_exit_codes_and_options(many, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "gop: got 0; allowed: >= 1" in err and "short_side: got 33" in err and "nope" in err
     assert cli.main(["shard", "verify"]) == 2
+
+
+# ---- frame counts and timing rule ------------------------------------------------------------------
+
+def _source_times(path) -> list:
+    """Exact presentation times of the decoded source frames, relative to the first one."""
+    with av.open(str(path)) as c:
+        ts = [f.pts * f.time_base for f in c.decode(video=0)]
+    return [t - ts[0] for t in ts]
+
+
+def _frame_indices(mp4: bytes, src_path, width: int) -> list[int]:
+    """For each output frame, which source pattern frame it shows (nearest of the first 40 patterns)."""
+    refs = np.stack([vf.pattern(i, width, 48) for i in range(40)]).astype(np.int32)  # (40, H, W, 3)
+    return [int(np.abs(refs - f.astype(np.int32)).mean(axis=(1, 2, 3)).argmin()) for f in decode_frames(mp4)]
+
+
+# (file name, frames, source rate, container): short clips at common and odd rates. mkv stores
+# timestamps in milliseconds, so 30000/1001 fps comes with rounded (jittery) frame times.
+TIMING_SOURCES = [
+    ("a6_25.mp4", 6, 25, None),  # the loader found 6 frames → 7 here (float 0.2 + 0.04 > 0.24)
+    ("b10_24.mp4", 10, 24, None),
+    ("c7_30.mkv", 7, 30, "matroska"),
+    ("d15_ntsc.mkv", 15, Fraction(30000, 1001), "matroska"),
+    ("e25_25.mp4", 25, 25, None),
+]
+
+
+@pytest.fixture(scope="module")
+def timing(tmp_path_factory):
+    src = tmp_path_factory.mktemp("timing")
+    for name, n, rate, fmt in TIMING_SOURCES:
+        vf.make_video(src / name, frames=n, fps=rate, size=(128, 48), fmt=fmt)
+    # VFR: 50 ms / 150 ms alternating intervals (mkv, 1 ms time base).
+    ts = [sum(0.05 if j % 2 == 0 else 0.15 for j in range(i)) for i in range(12)]
+    vf.make_video(src / "f_vfr.mkv", frames=12, size=(128, 48), timestamps=ts, fmt="matroska")
+    return src
+
+
+def test_frame_count_unchanged_rate_keeps_every_source_frame(timing, tmp_path):
+    """No fps asked: the clip holds the source's frames one for one (count and content)."""
+    run_shard(cfg([timing], tmp_path / "same", min_seconds=0.0, workers=1))
+    got = {Path(s["json"]["source"]).name: s for s in read_samples(tmp_path / "same")}
+    for name, n, rate, _ in TIMING_SOURCES:
+        meta = got[name]["json"]
+        assert meta["frames"] == n, (name, meta["frames"])
+        assert _frame_indices(got[name]["mp4"], timing / name, 128) == list(range(n)), name
+        assert math.isclose(meta["fps"], float(rate), rel_tol=1e-6)
+        assert meta["clip_end"] - meta["clip_start"] == pytest.approx(n / float(rate), abs=2e-3)
+    # VFR without fps: a constant rate (the source's average), frames by the documented rule.
+    meta = got["f_vfr.mkv"]["json"]
+    span = meta["clip_end"] - meta["clip_start"]
+    assert meta["frames"] == math.ceil(span * meta["fps"] - 0.5) == len(decode_frames(got["f_vfr.mkv"]["mp4"]))
+
+
+@pytest.mark.parametrize("fps", [10, 40])
+def test_frame_count_resampled_rate_follows_the_rule(timing, tmp_path, fps):
+    """fps given: frames = ceil(span·fps − 1/2) (round half down); frame k shows the source frame
+    visible at the middle of its interval, start + (k + 1/2)/fps."""
+    out = tmp_path / f"fps{fps}"
+    run_shard(cfg([timing], out, fps=fps, min_seconds=0.0, workers=1))
+    got = {Path(s["json"]["source"]).name: s for s in read_samples(out)}
+    assert set(got) == {t[0] for t in TIMING_SOURCES} | {"f_vfr.mkv"}
+    for name, s in got.items():
+        meta = s["json"]
+        times = _source_times(timing / name)
+        span = Fraction(meta["clip_end"]).limit_denominator(10**6) - Fraction(meta["clip_start"]).limit_denominator(10**6)
+        expected_n = math.ceil(span * fps - Fraction(1, 2))
+        assert meta["fps"] == fps and meta["frames"] == expected_n, (name, meta["frames"], expected_n)
+        # Which source frame each output frame shows: the last one starting at or before the middle.
+        expected = [max(i for i, t in enumerate(times) if t <= (k + Fraction(1, 2)) / fps) for k in range(expected_n)]
+        assert _frame_indices(s["mp4"], timing / name, 128) == expected, name
+    # Spot checks of the rule in plain numbers.
+    assert got["a6_25.mp4"]["json"]["frames"] == {10: 2, 40: 10}[fps]  # 0.24 s: 2.4 → 2, 9.6 → 10
+    assert got["e25_25.mp4"]["json"]["frames"] == fps  # exactly 1 s
+
+
+def _open_gop_video(path, frames: int = 48) -> None:
+    """x264 open GOPs: each keyframe after the first is followed (decode order) by a B-frame shown before it."""
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 128, 48, "yuv420p"
+        vs.options = {"preset": "medium",
+                      "x264-params": "keyint=12:min-keyint=12:scenecut=0:bframes=3:open-gop=1:b-pyramid=normal"}
+        for i in range(frames):
+            f = av.VideoFrame.from_ndarray(vf.pattern(i, 128, 48), format="rgb24")
+            f.pts = i
+            for p in vs.encode(f):
+                out.mux(p)
+        for p in vs.encode(None):
+            out.mux(p)
+
+
+def test_stream_copy_open_gop_and_verbatim_whole_files(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _open_gop_video(src / "open.mp4")
+    with av.open(str(src / "open.mp4")) as c:  # the source really has leading B-frames after a keyframe
+        pk = [(p.pts, p.is_keyframe) for p in c.demux(video=0) if p.pts is not None]
+    assert any(pk[i + 1][0] < pts for i, (pts, key) in enumerate(pk[:-1]) if key and i > 0)
+    out = tmp_path / "win"
+    run_shard(cfg([src / "open.mp4"], out, copy=True, clip_seconds=0.5, min_seconds=0.0, workers=1))
+    assert verify_dataset(str(out)) == []  # every clip decodes to its declared frame count
+    samples = read_samples(out)
+    assert len(samples) >= 3
+    for s in samples:
+        meta = s["json"]
+        assert meta["keyframes"][0] == 0 and len(decode_frames(s["mp4"])) == meta["frames"]
+        # The clip's first frame is the keyframe it was cut at (no leading frame from the previous GOP).
+        first = _frame_indices(s["mp4"], None, 128)[0]
+        assert first == round(meta["clip_start"] * 25), (first, meta["clip_start"])
+    # Whole files: a single-stream MP4 goes in as is (its bytes), others are remuxed (audio dropped).
+    vf.make_video(src / "plain.mp4", frames=30)
+    vf.make_video(src / "sound.mp4", frames=30, audio=True)
+    out2 = tmp_path / "whole"
+    run_shard(cfg([src], out2, copy=True, workers=1))
+    assert verify_dataset(str(out2)) == []
+    got = {Path(s["json"]["source"]).name: s for s in read_samples(out2)}
+    for name in ("open.mp4", "plain.mp4"):
+        assert got[name]["mp4"] == (src / name).read_bytes()
+    assert (src / "plain.mp4").exists() and (src / "open.mp4").exists()  # sources are never deleted
+    assert got["plain.mp4"]["json"]["frames"] == 30 and got["open.mp4"]["json"]["frames"] == 48
+    with av.open(io.BytesIO(got["sound.mp4"]["mp4"])) as c:
+        assert [s.type for s in c.streams] == ["video"]
+    assert got["sound.mp4"]["json"]["frames"] == len(decode_frames(got["sound.mp4"]["mp4"])) == 30

@@ -31,6 +31,8 @@ def register(sub) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs per side (median reported)")
     p.add_argument("--digits", type=int, default=300, help="Moving Digits videos to generate (0: skip)")
     p.add_argument("--copies", type=int, default=100, help="copies of the sample clips for the stream-copy run")
+    p.add_argument("--reencode-copies", type=int, default=10,
+                   help="copies of the sample clips for a re-encode run long enough to be stable (0: skip)")
     p.add_argument("--workers", type=int, default=0, help="processes per side (0: all cores)")
     p.add_argument("--short-side", type=int, default=64, help="resize short side to this")
     p.add_argument("--crf", type=int, default=23)
@@ -160,6 +162,11 @@ def run(args) -> int:
                 copies.append(str(dst))
         rows += _measure(f"sample clips x{args.copies} copies", copies, root / "copies-run", args, workers,
                          modes=("copy",))
+        if args.reencode_copies > 0:
+            # The 4 clips alone take ~1.5 s to re-encode, so worker start-up swings the ratio; ×N is stable.
+            n = min(args.reencode_copies, args.copies) * len(clips)
+            rows += _measure(f"sample clips x{n // len(clips)} copies", copies[:n], root / "reenc-run", args,
+                             workers, modes=("reencode",))
     if args.digits > 0:
         from vidssl.footage.digits import DigitsConfig, generate_digits
 

@@ -461,7 +461,8 @@ def _run_inputs(cfg, items, labels, mine, outdir, prefix, tag, tmpdir, journal, 
         samples = result["samples"]
         if pos == start_pos and skip_clips:
             for s in samples[:skip_clips]:  # already in a committed shard
-                _unlink(s["file"])
+                if s.get("owned", True):
+                    _unlink(s["file"])
             samples_iter = list(enumerate(samples))[skip_clips:]
         else:
             samples_iter = list(enumerate(samples))
@@ -476,7 +477,8 @@ def _run_inputs(cfg, items, labels, mine, outdir, prefix, tag, tmpdir, journal, 
             if writer is None:
                 writer = ShardWriter(outdir, shard_name())
             writer.add(meta["key"], meta_json, sample["file"], cls, meta["frames"], meta["frames"] / meta["fps"])
-            _unlink(sample["file"])
+            if sample.get("owned", True):  # not the source file itself (verbatim stream copy)
+                _unlink(sample["file"])
         for e in result["errors"]:
             rec = {"source": item.path, **e, "_input": mine[pos]}
             pending_errors.append(rec)

@@ -7,9 +7,19 @@ whole input (no partial input ever reaches a shard): the result then has no samp
 error record with the stage that failed.
 
 Timing model (re-encode): the source is a step function, frame *i* shown over
-``[t_i, t_{i+1})``. Output frame *k* of a clip is the source frame shown at
-``clip_start + k / fps``. This gives a constant output rate from any input (VFR included)
-and an exact frame count known while encoding.
+``[t_i, t_{i+1})`` (``t_{n}`` of the last frame = its timestamp + its duration). Output frame
+*k* of a clip stands for the interval ``[clip_start + k/fps, clip_start + (k+1)/fps)`` and shows
+the source frame visible at that interval's MIDDLE, ``clip_start + (k + 1/2)/fps``. A clip holds
+every *k* whose middle lies before ``clip_end``, so
+
+    frames = ceil((clip_end - clip_start) * fps - 1/2)     (round half down)
+
+This gives a constant output rate from any input (VFR included), an exact frame count known
+while encoding, and the source's own frames one for one when the rate is not changed, even when
+container timestamps are rounded to the time base (sampling at interval starts would pick the
+previous frame whenever a timestamp was rounded up). All times are exact fractions
+(timestamp × time base), never floats: float sums such as ``0.2 + 0.04 > 0.24`` used to add a
+frame.
 """
 
 from __future__ import annotations
@@ -41,6 +51,18 @@ def _fps_fraction(value: float | Fraction) -> Fraction:
     if frac <= 0:
         raise Reject("probe", f"unusable frame rate {value!r}")
     return frac
+
+
+def exact(value: float | int | Fraction | None) -> Fraction | None:
+    """A user-given time in seconds as the fraction its decimal text means (0.1 → 1/10, not 0.1000…0055)."""
+    if value is None or isinstance(value, Fraction):
+        return value
+    return Fraction(repr(float(value))) if isinstance(value, float) else Fraction(value)
+
+
+def output_frames(seconds: Fraction, fps: Fraction) -> int:
+    """Frames of a clip covering ``seconds`` at ``fps``: ceil(seconds·fps − 1/2), see the module docstring."""
+    return max(0, math.ceil(seconds * fps - Fraction(1, 2)))
 
 
 def even_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
@@ -81,21 +103,32 @@ def encoder_options(task: dict[str, Any]) -> dict[str, str]:
 
 # ---- probing -----------------------------------------------------------------------------------
 
-def open_input(path: str):
-    """av.open with a reason on failure (stage read/probe)."""
+def open_input(path: str, quick: bool = False):
+    """av.open with a reason on failure (stage read/probe). Returns (container, iso_bmff).
+
+    ``iso_bmff``: the file starts with an ISO-BMFF ``ftyp`` box of a non-QuickTime brand (MP4).
+    ``quick`` (stream copy): such files are opened without FFmpeg's stream-info probing, which
+    decodes frames of every stream (≈ 20 ms for a 720p clip with audio); an MP4's headers already
+    hold size, rate, duration and frame count, and copy mode reads the pixel format and rotation
+    from its first keyframe instead.
+    """
     import av
 
     try:
         with open(path, "rb") as fh:  # a clear 'read' error before FFmpeg's generic ones
-            head = fh.read(1)
+            head = fh.read(12)
     except IsADirectoryError:
         raise Reject("read", "is a directory") from None
     except OSError as exc:
         raise Reject("read", f"cannot read: {exc.strerror or exc}") from None
     if not head:
         raise Reject("probe", "empty file (0 bytes)")
+    iso_bmff = head[4:8] == b"ftyp" and head[8:12] != b"qt  "
     try:
-        return av.open(path, metadata_errors="ignore")
+        if quick and iso_bmff:
+            return av.open(path, format="mp4", metadata_errors="ignore",
+                           options={"probesize": "32", "analyzeduration": "0"}), True
+        return av.open(path, metadata_errors="ignore"), iso_bmff
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
         raise Reject("probe", f"not a readable video container: {exc}") from None
 
@@ -117,9 +150,11 @@ def probe(container) -> dict[str, Any]:
         duration = float(vs.duration * vs.time_base)
     elif container.duration is not None:
         duration = container.duration / 1_000_000
-    start = float(vs.start_time * vs.time_base) if vs.start_time is not None and vs.time_base else None
+    start_exact = vs.start_time * Fraction(vs.time_base) if vs.start_time is not None and vs.time_base else None
+    start = float(start_exact) if start_exact is not None else None
     return {"codec": codec, "width": int(cc.width or 0), "height": int(cc.height or 0),
             "fps": float(rate) if rate else None, "rate": rate, "duration": duration, "start": start,
+            "start_exact": start_exact,
             "pix_fmt": cc.format.name if cc.format is not None else None, "format": fmt}
 
 
@@ -129,16 +164,17 @@ class Plan:
     """Which clips an input yields. Windows are created lazily (the duration may be unknown)."""
 
     def __init__(self, task: dict[str, Any]) -> None:
-        self.clip_seconds = task["clip_seconds"]
-        self.stride = task["clip_stride"] or self.clip_seconds
-        self.start = task.get("start")
-        self.end = task.get("end")
+        # Exact fractions: window bounds are compared with exact frame times.
+        self.clip_seconds = exact(task["clip_seconds"])
+        self.stride = exact(task["clip_stride"]) or self.clip_seconds
+        self.start = exact(task.get("start"))
+        self.end = exact(task.get("end"))
         self.mode = "window" if self.clip_seconds else ("span" if self.start is not None or self.end is not None
                                                           else "whole")
         self.next_window = 0
         self.emitted_span = False
 
-    def finished(self, t: float) -> bool:
+    def finished(self, t: Fraction | float) -> bool:
         """True when no clip can start at or after source time ``t``."""
         if self.mode == "whole":
             return False
@@ -146,11 +182,12 @@ class Plan:
             return self.emitted_span
         return self.end is not None and t >= self.end
 
-    def clips_starting_before(self, t: float) -> list[tuple[float, float, str]]:
-        """New clips (start, planned end, span id) whose start is < t."""
-        out = []
+    def clips_starting_before(self, t: Fraction | float) -> list[tuple[Fraction, Fraction | float, str]]:
+        """New clips (start, planned end, span id) whose start is < t; bounds are exact fractions
+        (an open end is ``math.inf``). Span ids use 3 decimals of the same values as before."""
+        out: list[tuple[Fraction, Fraction | float, str]] = []
         if self.mode == "window":
-            lo = self.start or 0.0
+            lo = self.start or Fraction(0)
             while True:
                 s = lo + self.next_window * self.stride
                 if s >= t or (self.end is not None and s >= self.end):
@@ -158,13 +195,14 @@ class Plan:
                 e = s + self.clip_seconds
                 if self.end is not None:
                     e = min(e, self.end)
-                out.append((s, e, f"{s:.3f}-{e:.3f}"))
+                out.append((s, e, f"{float(s):.3f}-{float(e):.3f}"))
                 self.next_window += 1
         elif not self.emitted_span:
-            s = self.start or 0.0
+            s = self.start or Fraction(0)
             if s < t:
                 e = self.end if self.end is not None else math.inf
-                span = "full" if self.mode == "whole" else f"{s:.3f}-{'end' if self.end is None else f'{e:.3f}'}"
+                span = ("full" if self.mode == "whole" else
+                        f"{float(s):.3f}-{'end' if self.end is None else f'{float(e):.3f}'}")
                 out.append((s, e, span))
                 self.emitted_span = True
         return out
@@ -268,8 +306,9 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
         except av.FFmpegError:
             container.seek(0, stream=vs)
     src_rate = info["rate"]
-    default_dur = 1.0 / float(src_rate) if src_rate else 1.0 / 25
-    t_origin = info["start"]
+    # Exact times (Fraction seconds) from here on: timestamp × time base, no float rounding.
+    default_dur = 1 / Fraction(src_rate) if src_rate else Fraction(1, 25)
+    t_origin: Fraction | None = info["start_exact"]
     out_fps: Fraction | None = _fps_fraction(task["fps"]) if task["fps"] else (
         _fps_fraction(src_rate) if src_rate else None)
     active: list[_ClipEncoder] = []
@@ -291,23 +330,24 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
             return frame
         return frame.reformat(width=w, height=h, format="yuv420p", interpolation="AREA")
 
-    def emit(raw, a: float, b: float) -> None:
-        """Source frame ``raw`` shown over [a, b): feed it to each clip at each output time inside."""
+    def emit(raw, a: Fraction, b: Fraction) -> None:
+        """Source frame ``raw`` shown over [a, b): feed it to each clip for each output frame whose
+        interval middle ``start + (k + 1/2)/fps`` falls inside (see the module docstring)."""
         if state["size"] is None:
             transformed(raw)  # fixes the output size before the first encoder opens
         for s, e, span in plan.clips_starting_before(b):
             active.append(_ClipEncoder(task, s, e, span, state["size"], out_fps))
         frame = None
         for clip in list(active):
-            step = 1.0 / float(clip.fps)
+            step = 1 / clip.fps
             while True:
-                t = clip.start + clip.index * step
+                t = clip.start + (clip.index + Fraction(1, 2)) * step
                 if t >= b or t >= clip.end:
                     break
                 if frame is None:  # convert once, only when some clip uses this frame
                     frame = transformed(raw)
                 clip.add(frame, t)
-            if clip.start + clip.index * step >= clip.end:
+            if clip.start + (clip.index + Fraction(1, 2)) * step >= clip.end:
                 clip.finish()
                 active.remove(clip)
                 done.append({"clip": clip, "start": clip.start, "end": clip.end, "frames": clip.index})
@@ -324,15 +364,17 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
             for frame in frames:
                 if frame.is_corrupt:
                     raise Reject("decode", f"corrupt frame at {frame.time}s (damaged stream)")
-                t = frame.time
-                if t is None:
-                    t = (prev[1] + prev[2]) if prev else 0.0
-                elif t_origin is None:
-                    t_origin = t
-                t -= t_origin or 0.0
-                dur = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else default_dur
+                ftb = frame.time_base or vs.time_base
+                if frame.pts is None or ftb is None:
+                    t = (prev[1] + prev[2]) if prev else Fraction(0)
+                else:
+                    t = frame.pts * Fraction(ftb)
+                    if t_origin is None:
+                        t_origin = t
+                    t -= t_origin
+                dur = frame.duration * Fraction(ftb) if frame.duration and ftb else default_dur
                 if out_fps is None:  # no rate in the headers: trust the first frame's duration
-                    out_fps = _fps_fraction(1.0 / dur)
+                    out_fps = _fps_fraction(1 / dur)
                 if prev is None:
                     prev = (frame, t, dur)
                 elif t <= prev[1]:  # non-increasing timestamp: this frame replaces the previous one
@@ -360,6 +402,7 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
     size = state["size"]
     for rec in done:
         clip = rec.pop("clip")
+        rec["start"], rec["end"] = float(rec["start"]), float(rec["end"])
         rec.update(width=size[0], height=size[1], fps=float(clip.fps), keyframes=sorted(set(clip.keyframes)),
                    path=clip.path, span=clip.span, codec=task["codec"], pix_fmt="yuv420p", gop=task["gop"],
                    bframes=task["bframes"], copy=False, rotation=state["rotation"])
@@ -368,15 +411,59 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
 
 # ---- stream copy --------------------------------------------------------------------------------
 
+def _first_frame_facts(vs, packet) -> tuple[int, str | None]:
+    """(display rotation in counter-clockwise degrees, pixel format) from decoding ONE packet.
+
+    The display matrix is stream side data that PyAV 18 does not expose on the stream; the decoder
+    attaches it to every frame, so decoding the first keyframe (single-threaded, then flushed; copy
+    mode decodes nothing else) reads it from the same open container, no second open.
+    """
+    cc = vs.codec_context
+    cc.thread_count = 1
+    cc.thread_type = "SLICE"
+    frames = list(cc.decode(packet)) + list(cc.decode(None))
+    if not frames:
+        return 0, None
+    return int(round(frames[0].rotation or 0)), frames[0].format.name
+
+
 def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[str, Any]]:
-    """Remux whole GOPs: a clip covers every GOP overlapping its planned span."""
+    """Stream copy. Whole-video plans of a single-stream MP4 are taken verbatim (the source bytes go
+    into the tar; one demux-only pass gives frame count and keyframes); everything else is remuxed
+    GOP by GOP: a clip covers every GOP overlapping its planned span.
+
+    Timing is exact integer ticks of the stream time base; a GOP boundary becomes a Fraction once.
+    Open-GOP sources: packets that follow a keyframe in decode order but are shown BEFORE it
+    (leading B-frames) reference the previous GOP, so they are dropped from the clip that starts
+    at that keyframe (they belong to, and are decodable in, the clip before it).
+    """
     import av
 
     vs = container.streams.video[0]
-    tb = vs.time_base
-    t_origin = info["start"]
+    tb = Fraction(vs.time_base)
+    origin = vs.start_time  # ticks; None → the first packet's pts
     plan = Plan(task)
-    default_dur = 1.0 / info["fps"] if info["fps"] else 1.0 / 25
+    default_dur = max(1, int(round(1 / (float(info["fps"]) * tb)))) if info["fps"] else max(1, round(1 / (25 * tb)))
+    facts: dict[str, Any] = {}
+
+    def first_key(packet) -> None:
+        if facts:
+            return
+        rot, pix = _first_frame_facts(vs, packet)
+        facts.update(rotation=rot, pix_fmt=pix)
+        if rot % 360:
+            raise Reject("plan", f"rotation metadata ({rot} degrees) needs a re-encode to come out upright; "
+                         "stream copy cannot apply it (use copy=false)")
+        if pix:
+            info["pix_fmt"] = info["pix_fmt"] or pix
+
+    verbatim = (plan.mode == "whole" and info.get("iso_bmff") and len(container.streams) == 1)
+    if verbatim:
+        rec = _copy_verbatim(container, vs, info, task, first_key, origin, tb, default_dur)
+        if rec is not None:
+            return [rec]
+        container.seek(0, stream=vs)  # not verbatim after all: remux from the start
+
     clips: list[dict[str, Any]] = []
     done: list[dict[str, Any]] = []
 
@@ -393,57 +480,72 @@ def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[st
         task["_clips"].append(clip)
         return clip
 
-    def flush_gop(gop: list, g_start: float, g_end: float) -> None:
-        for s, e, span in plan.clips_starting_before(g_end):
+    def flush_gop(gop: list, g_start: int, g_end: int) -> None:
+        gs, ge = g_start * tb, g_end * tb  # exact seconds from the origin
+        for s, e, span in plan.clips_starting_before(ge):
             clips.append(open_clip(s, e, span))
+        key_pts = gop[0].pts
         for clip in list(clips):
-            if g_start >= clip["e"]:
+            if gs >= clip["e"]:
                 clip["out"].close()
                 clips.remove(clip)
                 done.append(clip)
                 continue
-            if g_end <= clip["s"]:
+            if ge <= clip["s"]:
                 continue
             if clip["offset"] is None:
-                clip["offset"] = min(p.dts if p.dts is not None else p.pts for p in gop)
-                clip["first"] = g_start
-            clip["last"] = g_end
-            for p in gop:
+                # First GOP of this clip: leading pictures (shown before the keyframe) need the
+                # previous GOP, which this clip does not have: leave them out.
+                use = [p for p in gop if p.pts >= key_pts]
+                clip["offset"] = min(p.dts if p.dts is not None else p.pts for p in use)
+                clip["first"] = gs
+            else:
+                use = gop
+            clip["last"] = ge
+            off, ost = clip["offset"], clip["ostream"]
+            for p in use:
                 q = av.Packet(p)  # a fresh reference: the same packet may go to overlapping clips
-                q.pts = p.pts - clip["offset"]
-                q.dts = (p.dts - clip["offset"]) if p.dts is not None else None
-                q.time_base = tb
-                q.stream = clip["ostream"]
+                q.pts = p.pts - off
+                q.dts = (p.dts - off) if p.dts is not None else None
+                q.time_base = vs.time_base
+                q.stream = ost
                 clip["pts"].append(q.pts)
                 if p.is_keyframe:
                     clip["key_pts"].append(q.pts)
                 clip["out"].mux(q)
 
     gop: list = []
-    g_start = None
-    last_end = 0.0
+    g_start = 0
+    last_end = 0
+    started = False
     try:
         for packet in container.demux(vs):
-            if packet.size == 0 and packet.pts is None:
-                continue  # the demuxer's end-of-stream marker
-            if packet.pts is None:
+            pts = packet.pts
+            if pts is None:
+                if packet.size == 0:
+                    continue  # the demuxer's end-of-stream marker
                 raise Reject("plan", "packets without timestamps: cannot stream copy (use copy=false)")
-            t = float(packet.pts * tb) - (t_origin or 0.0)
-            dur = float(packet.duration * tb) if packet.duration else default_dur
-            last_end = max(last_end, t + dur)
-            if packet.is_keyframe and gop:
-                flush_gop(gop, g_start, t)
-                gop = []
-            if not gop:
-                if not packet.is_keyframe and not done and not any(c["offset"] is not None for c in clips):
-                    # Leading frames before the first keyframe cannot be decoded on their own.
-                    continue
+            if origin is None:
+                origin = pts
+            t = pts - origin
+            last_end = max(last_end, t + (packet.duration or default_dur))
+            key = packet.is_keyframe
+            if key:
+                first_key(packet)
+                if gop:
+                    flush_gop(gop, g_start, t)
+                    gop = []
+                    if plan.finished(t * tb) and not clips and done:
+                        started = False
+                        break
                 g_start = t
+                started = True
+            elif not started:
+                continue  # leading packets before the first keyframe cannot be decoded on their own
             gop.append(packet)
-            if plan.finished(t) and not clips and done:
-                break
-        if gop:
-            flush_gop(gop, g_start, last_end)
+        else:
+            if gop:
+                flush_gop(gop, g_start, last_end)
         for clip in clips:
             clip["out"].close()
             done.append(clip)
@@ -452,16 +554,58 @@ def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[st
     out = []
     for clip in done:
         if clip["first"] is None:
-            out.append({"start": clip["s"], "end": clip["s"], "frames": 0, "path": clip["path"], "span": clip["span"]})
+            out.append({"start": float(clip["s"]), "end": float(clip["s"]), "frames": 0, "path": clip["path"],
+                        "span": clip["span"]})
             continue
         order = sorted(clip["pts"])
         index = {p: i for i, p in enumerate(order)}
-        out.append({"start": clip["first"], "end": clip["last"], "frames": len(order), "path": clip["path"],
-                    "span": clip["span"], "width": info["width"], "height": info["height"],
-                    "fps": float(info["fps"] or 0.0), "keyframes": sorted(index[p] for p in clip["key_pts"]),
-                    "codec": info["codec"], "pix_fmt": info["pix_fmt"], "gop": None, "bframes": None,
-                    "copy": True, "rotation": 0})
+        out.append({"start": float(clip["first"]), "end": float(clip["last"]), "frames": len(order),
+                    "path": clip["path"], "span": clip["span"], **_copy_facts(info),
+                    "keyframes": sorted(index[p] for p in clip["key_pts"])})
     return out
+
+
+def _copy_facts(info: dict[str, Any]) -> dict[str, Any]:
+    return {"width": info["width"], "height": info["height"], "fps": float(info["fps"] or 0.0),
+            "codec": info["codec"], "pix_fmt": info["pix_fmt"], "gop": None, "bframes": None, "copy": True,
+            "rotation": 0}
+
+
+def _copy_verbatim(container, vs, info, task, first_key, origin, tb, default_dur) -> dict[str, Any] | None:
+    """The whole file as is, when that is exactly what a remux would give: one demux-only pass
+    (no decode beyond the first keyframe) collects presentation times and keyframes. Returns None
+    (remux instead) when the first packet is not a keyframe, when the demuxer marks packets to
+    discard (an edit list trims frames), or when any frame is shown before the first keyframe."""
+    pts_list: list[int] = []
+    key_pts: list[int] = []
+    last_end = 0
+    first = True
+    for packet in container.demux(vs):
+        pts = packet.pts
+        if pts is None:
+            if packet.size == 0:
+                continue
+            return None
+        if first:
+            if not packet.is_keyframe:
+                return None
+            first_key(packet)
+            first = False
+        if packet.is_discard:
+            return None
+        if packet.is_keyframe:
+            key_pts.append(pts)
+        pts_list.append(pts)
+        last_end = max(last_end, pts + (packet.duration or default_dur))
+    if first or min(pts_list) < pts_list[0]:
+        return None
+    if origin is None:
+        origin = pts_list[0]
+    order = sorted(pts_list)
+    index = {p: i for i, p in enumerate(order)}
+    return {"start": float((pts_list[0] - origin) * tb), "end": float((last_end - origin) * tb),
+            "frames": len(order), "path": task["path"], "owned": False, "span": "full", **_copy_facts(info),
+            "keyframes": sorted(index[p] for p in key_pts)}
 
 
 # ---- the worker entry point ---------------------------------------------------------------------
@@ -472,14 +616,11 @@ def process_input(task: dict[str, Any]) -> dict[str, Any]:
     task["_clips"] = []
     container = None
     try:
-        container = open_input(task["path"])
+        container, iso_bmff = open_input(task["path"], quick=task["copy"])
         info = probe(container)
+        info["iso_bmff"] = iso_bmff
         if task["copy"]:
-            rot = _first_frame_rotation(task["path"])
-            if rot % 360:
-                raise Reject("plan", f"rotation metadata ({rot} degrees) needs a re-encode to come out "
-                             "upright; stream copy cannot apply it (use copy=false)")
-            clips = _copy(container, info, task)
+            clips = _copy(container, info, task)  # rejects rotated inputs itself
         else:
             clips = _transcode(container, info, task)
     except Reject as rej:
@@ -500,11 +641,17 @@ def process_input(task: dict[str, Any]) -> dict[str, Any]:
     for rec in sorted(clips, key=lambda r: (r["start"], r["span"])):
         seconds = rec["end"] - rec["start"]
         if rec["frames"] == 0 or seconds < task["min_seconds"] - 1e-9:
-            _unlink(rec["path"])
-            why = ("no frames inside the span" if rec["frames"] == 0 else
-                   f"clip shorter than min_seconds ({seconds:.3f}s < {task['min_seconds']}s)")
+            if rec.get("owned", True):
+                _unlink(rec["path"])
+            # A window tail shorter than half an output frame holds no frame: a short clip, not an error.
+            short = rec["frames"] > 0 or seconds > 0
+            if rec["frames"] == 0:
+                why = ("no frames inside the span" if seconds <= 0 else
+                       f"clip too short to hold one frame ({seconds:.3f}s at {rec.get('fps', 0):g} fps)")
+            else:
+                why = f"clip shorter than min_seconds ({seconds:.3f}s < {task['min_seconds']}s)"
             result["errors"].append({"stage": "plan", "reason": why, "start": round(rec["start"], 6),
-                                     "end": round(rec["end"], 6), "_short": rec["frames"] > 0})
+                                     "end": round(rec["end"], 6), "_short": short})
             continue
         key = make_key(task["path"], rec["span"])
         meta = {
@@ -520,20 +667,12 @@ def process_input(task: dict[str, Any]) -> dict[str, Any]:
         }
         if rec.get("rotation"):
             meta["source_rotation"] = rec["rotation"]
-        result["samples"].append({"meta": meta, "file": rec["path"], "bytes": os.path.getsize(rec["path"])})
+        # owned=False: the file is the SOURCE itself (verbatim stream copy); the writer must not delete it.
+        result["samples"].append({"meta": meta, "file": rec["path"], "bytes": os.path.getsize(rec["path"]),
+                                  "owned": rec.get("owned", True)})
     if not result["samples"] and not result["errors"]:
         result["errors"].append({"stage": "plan", "reason": "no clip planned inside the video"})
     return result
-
-
-def _first_frame_rotation(path: str) -> int:
-    """Display rotation (counter-clockwise degrees) read from the first decoded frame."""
-    import av
-
-    with av.open(path, metadata_errors="ignore") as c:
-        for frame in c.decode(video=0):
-            return int(round(frame.rotation or 0))
-    return 0
 
 
 def _unlink(path: str) -> None:

@@ -92,6 +92,9 @@ class ShardWriter:
         self._fh = open(self.tmp, "wb")
         self._hf = _HashingFile(self._fh)
         self._tar = tarfile.open(fileobj=self._hf, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[arg-type]
+        # Copy member data in 1 MiB pieces (tarfile's default is 16 KiB: many small Python-level
+        # write + sha256.update calls per clip). Same bytes either way.
+        self._tar.copybufsize = 1 << 20
         self.samples = 0
         self.frames = 0
         self.seconds = 0.0
@@ -113,8 +116,8 @@ class ShardWriter:
     def add(self, key: str, meta_json: bytes, mp4_path: str, cls: bytes | None, frames: int, seconds: float) -> None:
         """Append one sample: KEY.json, KEY.mp4 (streamed from its temp file), KEY.cls."""
         self._tar.addfile(_tarinfo(f"{key}.json", len(meta_json)), io.BytesIO(meta_json))
-        size = os.path.getsize(mp4_path)
-        with open(mp4_path, "rb") as fh:
+        with open(mp4_path, "rb", buffering=0) as fh:
+            size = os.fstat(fh.fileno()).st_size  # the size of what is read, even if the path changed
             self._tar.addfile(_tarinfo(f"{key}.mp4", size), fh)
         if cls is not None:
             self._tar.addfile(_tarinfo(f"{key}.cls", len(cls)), io.BytesIO(cls))
