@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import pytest
 
@@ -59,6 +59,21 @@ def test_yaml_extends_and_override_order(tmp_path):
     assert cfg.train.optim.lr == 0.1 and cfg.train.optim.schedule == "constant"  # deep merge
 
 
+@dataclass(kw_only=True)
+class AppConfig(Config):
+    # A section whose default differs from its class defaults (as the demo's sections do).
+    train: TrainSection = field(default_factory=lambda: TrainSection(steps=7, optim=OptimSection(lr=0.5)))
+
+
+def test_partial_section_override_keeps_the_fields_own_defaults(tmp_path):
+    cfg = load_config(AppConfig, overrides=["train.bf16=false"])
+    assert cfg.train.steps == 7 and cfg.train.optim.lr == 0.5 and cfg.train.bf16 is False
+    (tmp_path / "c.yaml").write_text("train:\n  optim:\n    schedule: constant\n")
+    cfg = load_config(AppConfig, tmp_path / "c.yaml")
+    assert cfg.train.optim.lr == 0.5 and cfg.train.optim.schedule == "constant" and cfg.train.steps == 7
+    assert AppConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_yaml_scientific_notation_is_a_float(tmp_path):
     # PyYAML's YAML 1.1 resolver reads "3e-4" as a string; a float field must still accept it.
     (tmp_path / "c.yaml").write_text("train:\n  optim:\n    lr: 3e-4\n")
@@ -70,6 +85,22 @@ def test_yaml_scientific_notation_is_a_float(tmp_path):
 def test_bool_overrides_parse_by_type(text, expected):
     # VideoMAE's argparse type=bool turned "False" into True; ours must not.
     assert load_config(RootConfig, overrides=[f"train.bf16={text}"]).train.bf16 is expected
+
+
+@dataclass(kw_only=True)
+class KwSection(Config):
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+def test_mapping_fields_from_the_command_line():
+    cfg = load_config(KwSection, overrides=["kwargs={width: 8, norm: group}", "kwargs.depth=3", "sizes.a=4"])
+    assert cfg.kwargs == {"width": 8, "norm": "group", "depth": 3}
+    assert cfg.sizes == {"a": 4}
+    with pytest.raises(ConfigError, match=r"sizes\.a: got 'big' \(str\); expected an integer"):
+        load_config(KwSection, overrides=["sizes.a=big"])
+    with pytest.raises(ConfigError, match=r"kwargs: got '3'; expected mapping"):
+        load_config(KwSection, overrides=["kwargs=3"])
 
 
 def test_optional_override_none():

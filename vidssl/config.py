@@ -79,6 +79,8 @@ class _Raw(str):
 
 
 def _describe(value: Any) -> str:
+    if isinstance(value, _Raw):
+        value = str(value)
     text = repr(value)
     if len(text) > 80:
         text = text[:77] + "..."
@@ -124,7 +126,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     args = typing.get_args(tp)
 
     if tp is Any:
-        return value
+        # A command-line value with no declared type: read it as YAML (8 -> int, [1,2] -> list).
+        return _parse_raw_scalar(value) if isinstance(value, _Raw) else value
     if isinstance(value, Mapping) and tp in (bool, int, float, str):
         raise ConfigError(f"{path}: is a single value ({_type_name(tp)}), not a section; "
                           f"got keys {', '.join(map(str, value))}")
@@ -211,6 +214,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         items = [_coerce(v, elem, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
+        if isinstance(value, _Raw):
+            parsed = _parse_raw_scalar(value)
+            if not isinstance(parsed, Mapping):
+                raise ConfigError(f"{path}: got {str(value)!r}; expected {_type_name(tp)} "
+                                  f"(for example {path}={{a: 1}} or {path}.a=1)")
+            value = {k: _Raw(str(v)) if isinstance(v, (int, float, str, bool)) and not isinstance(v, _Raw)
+                     else v for k, v in parsed.items()}
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: got {_describe(value)}; expected {_type_name(tp)}")
         ktp, vtp = args if args else (Any, Any)
@@ -301,6 +311,11 @@ class Config:
                 value = data[f.name]
                 tp = hints[f.name]
                 if isinstance(tp, type) and issubclass(tp, Config) and isinstance(value, Mapping):
+                    # A section given in part overrides the field's own default (which may differ
+                    # from the section class's defaults), not the class defaults.
+                    default = _field_default(f)
+                    if isinstance(default, Config):
+                        value = _deep_merge(default.to_dict(), value)
                     value = tp.from_dict(value, _path=key)
                 values[f.name] = value
         try:
@@ -348,14 +363,19 @@ class Config:
         for f in dataclasses.fields(cls):
             if not f.init:
                 continue
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                default = f.default_factory()  # type: ignore[misc]
-            else:
+            default = _field_default(f)
+            if default is dataclasses.MISSING:
                 default = "(required)"
             rows.append((f.name, _type_name(hints[f.name]), _plain(default), f.metadata.get("help", "")))
         return rows
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
 
 
 def _plain(value: Any) -> Any:
@@ -434,6 +454,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         node = out
         for i, p in enumerate(parts[:-1]):
             child = node.get(p)
+            if isinstance(child, _Raw):  # an earlier "key={a: 1}" override, now refined by "key.b=2"
+                parsed = _parse_raw_scalar(child)
+                if isinstance(parsed, Mapping):
+                    child = {k: _Raw(str(v)) if isinstance(v, (int, float, str, bool)) else v
+                             for k, v in parsed.items()}
             if child is None:
                 child = {}
             elif not isinstance(child, Mapping):
