@@ -1,0 +1,187 @@
+"""Backbone registry: one name → one builder, one interface (:class:`vidssl.models.base.VideoBackbone`).
+
+The names of the built-in backbones are known without importing torch (so configs can be
+validated cheaply); their modules are imported on first use. Third-party code may add more with
+:func:`register_backbone`.
+
+Usage::
+
+    from vidssl.models import build_backbone
+    net = build_backbone("r3d_18")                    # random init, never downloads
+    net = build_backbone("vit_tiny", pos_embed="sincos")
+    net = build_backbone("r3d_18", weights_path="r3d.pth")   # a local state dict file
+    feats = net.forward_features(x)                   # x (B, C, T, H, W) float → (B, T', D)
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from vidssl.config import ConfigError
+from vidssl.errors import UserError
+
+__all__ = ["register_backbone", "build_backbone", "available_backbones", "backbone_options",
+           "OptionError", "load_weights"]
+
+# Built-in backbones: name → module that registers it on import. Kept as plain strings so that
+# listing names (config validation, --help) does not import torch.
+_BUILTIN: dict[str, str] = {
+    "cnn3d_small": "vidssl.models.cnn3d",
+    "r3d_18": "vidssl.models.resnet3d",
+    "r2plus1d_18": "vidssl.models.resnet3d",
+    "mc3_18": "vidssl.models.resnet3d",
+    "vit_tiny": "vidssl.models.vit",
+    "vit_small": "vidssl.models.vit",
+    "vit_base": "vidssl.models.vit",
+}
+
+_BUILDERS: dict[str, Callable[..., Any]] = {}
+
+
+class OptionError(ValueError):
+    """A backbone option has a bad value. ``option`` is the keyword name; the message says what is allowed.
+
+    :func:`build_backbone` turns it into a :class:`ConfigError` naming the config key path.
+    """
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+        self.message = message
+
+
+def register_backbone(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register ``builder(**options) -> VideoBackbone`` under ``name``."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def available_backbones() -> list[str]:
+    """Names accepted by :func:`build_backbone` (built-in and registered), sorted."""
+    return sorted(set(_BUILTIN) | set(_BUILDERS))
+
+
+def _builder(name: str) -> Callable[..., Any]:
+    if name not in _BUILDERS and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    if name not in _BUILDERS:
+        raise KeyError(name)
+    return _BUILDERS[name]
+
+
+def backbone_options(name: str) -> dict[str, Any]:
+    """Keyword options of backbone ``name`` with their defaults (``weights_path`` is always accepted)."""
+    sig = inspect.signature(_builder(name))
+    out = {k: p.default for k, p in sig.parameters.items()
+           if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    out["weights_path"] = None
+    return out
+
+
+def build_backbone(name: str, *, weights_path: str | Path | None = None, _key: str = "model",
+                   **options: Any):
+    """Build backbone ``name`` with keyword ``options``; optionally load a local state dict file.
+
+    ``_key`` is the config path used in error messages (``model`` gives ``model.backbone``,
+    ``model.backbone_kwargs.depth``). Bad names and options raise :class:`ConfigError`; a missing
+    or mismatched weights file raises :class:`UserError`. Nothing is ever downloaded.
+    """
+    try:
+        builder = _builder(name)
+    except KeyError:
+        raise ConfigError(f"{_key}.backbone: got {name!r}; allowed: {', '.join(available_backbones())}") from None
+    allowed = backbone_options(name)
+    for k in options:
+        if k not in allowed:
+            raise ConfigError(f"{_key}.backbone_kwargs.{k}: unknown option for backbone {name!r}; "
+                              f"allowed: {', '.join(sorted(allowed))}")
+    options = {k: _typed_option(v, allowed[k], f"{_key}.backbone_kwargs.{k}") for k, v in options.items()}
+    try:
+        net = builder(**options)
+    except OptionError as exc:
+        raise ConfigError(f"{_key}.backbone_kwargs.{exc.option}: {exc.message}") from None
+    if weights_path is not None:
+        load_weights(net, weights_path, key=f"{_key}.weights_path")
+    return net
+
+
+def _typed_option(value: Any, default: Any, key: str) -> Any:
+    """Type a backbone option like its default: ``model.backbone_kwargs.width=16`` arrives as a string."""
+    if not isinstance(value, str) or default is None or isinstance(default, str):
+        return value
+    text = value.strip()
+    try:
+        if isinstance(default, bool):
+            low = text.lower()
+            if low in ("true", "yes", "on", "1"):
+                return True
+            if low in ("false", "no", "off", "0"):
+                return False
+            raise ValueError(text)
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: got {text!r}; expected {type(default).__name__} "
+                          f"(default {default!r})") from None
+    return value
+
+
+def _unwrap_state_dict(obj: Any) -> Mapping[str, Any]:
+    # Checkpoints often nest the weights: {"state_dict": ...}, {"model": ...}, {"module": ...}.
+    for k in ("state_dict", "model", "module", "backbone"):
+        if isinstance(obj, Mapping) and k in obj and isinstance(obj[k], Mapping):
+            return _unwrap_state_dict(obj[k])
+    if not isinstance(obj, Mapping):
+        raise TypeError(type(obj).__name__)
+    return obj
+
+
+def load_weights(net, path: str | Path, *, key: str = "weights_path") -> None:
+    """Load a local state dict file into backbone ``net`` (strictly, after the backbone's own key mapping).
+
+    Accepts a plain state dict or one nested under ``state_dict``/``model``/``module``/``backbone``,
+    with or without a ``module.`` prefix (DDP/DeepSpeed). Keys the backbone declares irrelevant
+    (``VideoBackbone.adapt_state_dict``, e.g. torchvision's ``fc.*`` classifier) are dropped;
+    any other missing or unexpected key is an error listing them.
+    """
+    import torch  # noqa: PLC0415
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{key}: weights file {str(p)!r} does not exist")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+        sd = dict(_unwrap_state_dict(obj))
+    except TypeError as exc:
+        raise UserError(f"{key}: {str(p)!r} holds a {exc}, not a state dict") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise UserError(f"{key}: cannot read {str(p)!r} as a torch state dict ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    sd = net.adapt_state_dict(sd)
+    own = net.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+        raise UserError(f"{key}: {str(p)!r} does not match backbone {type(net).__name__}: " + "; ".join(parts))
+    bad = [k for k in own if tuple(own[k].shape) != tuple(sd[k].shape)]
+    if bad:
+        k = bad[0]
+        raise UserError(f"{key}: {str(p)!r}: {k} has shape {tuple(sd[k].shape)}, backbone expects "
+                        f"{tuple(own[k].shape)} ({len(bad)} mismatched tensors)")
+    net.load_state_dict(sd, strict=True)
