@@ -217,9 +217,13 @@ def _loader_and_ssl(cfg: DemoConfig, data_cfg: DataConfig, workdir: Path) -> dic
                 break
     out["loader"] = f"{len(loader)} batches/epoch of {data_cfg.batch_size} ssl samples; read {shown} shown"
     if first is not None and last is not None:
-        out["ssl"] = (f"{step} steps in {time.perf_counter() - t:.1f}s; loss {first['loss']:.3f} -> "
-                      f"{last['loss']:.3f}" + (f"; contrast acc {last['contrast/acc']:.2f} (chance "
-                                              f"{last['contrast/chance']:.2f})" if "contrast/acc" in last else ""))
+        parts = [f"{step} steps in {time.perf_counter() - t:.1f}s"]
+        for name in ("future", "contrast"):
+            if f"{name}/loss" in last:
+                chance = f", chance {last[name + '/chance']:.2f}" if f"{name}/chance" in last else ""
+                acc = f", acc {last[name + '/acc']:.2f}" if f"{name}/acc" in last else ""
+                parts.append(f"{name} loss {first[name + '/loss']:.3f} -> {last[name + '/loss']:.3f}{chance}{acc}")
+        out["ssl"] = "; ".join(parts)
         out["metrics"] = str(metrics_path)
         out["_last_loss"] = last["loss"]
     return out
