@@ -570,3 +570,124 @@ def test_stream_copy_open_gop_and_verbatim_whole_files(tmp_path):
     with av.open(io.BytesIO(got["sound.mp4"]["mp4"])) as c:
         assert [s.type for s in c.streams] == ["video"]
     assert got["sound.mp4"]["json"]["frames"] == len(decode_frames(got["sound.mp4"]["mp4"])) == 30
+
+
+# ---- stream copy: facts from headers, video-only MP4 copies, the tar writer ----------------------
+
+def _copy_facts_both_ways(path: Path) -> tuple[tuple[int, str | None], tuple[int, str | None]]:
+    """(facts from headers-or-decode as copy mode gets them, facts from decoding the first keyframe)."""
+    from vidssl.shard.transcode import _decoded_facts, _first_key_facts, open_input, probe
+
+    got = []
+    for decode in (False, True):
+        c, iso = open_input(str(path), quick=True)
+        try:
+            info = probe(c)
+            info["iso_bmff"] = iso
+            vs = c.streams.video[0]
+            key = next(p for p in c.demux(vs) if p.is_keyframe)
+            got.append(_decoded_facts(vs, key) if decode else _first_key_facts(vs, key, info, str(path)))
+        finally:
+            c.close()
+    return got[0], got[1]
+
+
+def test_copy_facts_from_headers_equal_a_decode(tmp_path):
+    """Rotation and pixel format read without decoding (matrices, SPS, SEI) are what a decode gives,
+    and the header path really is taken for plain 8-bit 4:2:0 H.264 (the common case)."""
+    from vidssl.shard import headers
+
+    made = {"plain": {}, "rot90": {"rotation": 90}, "rot180": {"rotation": 180}, "sound": {"audio": True},
+            "yuv444": {"pix_fmt": "yuv444p"}, "yuv422": {"pix_fmt": "yuv422p"}, "jpeg_range": {"pix_fmt": "yuvj420p"}}
+    paths = [vf.make_video(tmp_path / f"{name}.mp4", **kw) for name, kw in made.items()] + sample_clip_paths()
+    for path in paths:
+        fast, decoded = _copy_facts_both_ways(path)
+        assert fast == decoded, path.name
+    for path in [tmp_path / "plain.mp4", tmp_path / "sound.mp4", *sample_clip_paths()]:
+        with av.open(str(path)) as c:
+            vs = c.streams.video[0]
+            key = bytes(next(p for p in c.demux(vs) if p.is_keyframe))
+            cc = vs.codec_context
+            assert headers.h264_pix_fmt(cc.extradata, cc.color_range, key) == "yuv420p", path.name
+            assert headers.h264_orientation_sei(cc.extradata, key) is False
+            assert headers.mp4_display_matrix_is_identity(str(path), vs.id) is True
+    # Rotated files are recognised as such (and then decoded); other formats are left to the decoder.
+    with av.open(str(tmp_path / "rot90.mp4")) as c:
+        assert headers.mp4_display_matrix_is_identity(str(tmp_path / "rot90.mp4"), c.streams.video[0].id) is False
+    for name in ("yuv444", "yuv422", "jpeg_range"):
+        with av.open(str(tmp_path / f"{name}.mp4")) as c:
+            vs = c.streams.video[0]
+            key = bytes(next(p for p in c.demux(vs) if p.is_keyframe))
+            assert headers.h264_pix_fmt(vs.codec_context.extradata, vs.codec_context.color_range, key) is None
+
+
+def test_display_orientation_sei_is_detected():
+    from vidssl.shard.headers import _has_display_orientation_sei, avcc_nal_units
+
+    # SEI NAL (type 6): payload 47 (display orientation), 3 bytes, then rbsp trailing bits.
+    sei_rot = bytes([0x06, 47, 3, 0x40, 0x00, 0x00, 0x80])
+    sei_other = bytes([0x06, 5, 2, 0xAA, 0xBB, 0x80])  # user data unregistered: not a rotation
+    assert _has_display_orientation_sei(sei_rot) and not _has_display_orientation_sei(sei_other)
+    # Payload types past 255 are coded as 0xFF runs: 255 + 47 is not 47.
+    assert not _has_display_orientation_sei(bytes([0x06, 0xFF, 47, 1, 0x00, 0x80]))
+    unit = b"".join(len(n).to_bytes(4, "big") + n for n in (sei_other, sei_rot))
+    assert avcc_nal_units(unit, 4) == [sei_other, sei_rot]
+    assert avcc_nal_units(unit[:-1], 4) is None  # truncated: unsure, so the caller decodes
+
+
+def _packets(data: bytes) -> list[tuple]:
+    with av.open(io.BytesIO(data)) as c:
+        return [(p.pts, p.dts, p.is_keyframe, bytes(p)) for p in c.demux(video=0) if p.size]
+
+
+def test_video_only_copy_keeps_the_video_track_exactly(tmp_path):
+    """Whole-file stream copy of an MP4 with audio drops the audio track but keeps every video packet
+    (bytes, timestamps, keyframe flags) and so every decoded frame; the output has one stream."""
+    from vidssl.shard.headers import mp4_video_only
+
+    sources = [vf.make_video(tmp_path / "sound.mp4", frames=30, audio=True)]
+    sources += [p for p in sample_clip_paths() if "bigbuckbunny" in p.name]  # 720p with AAC audio
+    for src in sources:
+        with av.open(str(src)) as c:
+            tid = c.streams.video[0].id
+        out = tmp_path / f"{src.stem}-video.mp4"
+        assert mp4_video_only(str(src), tid, str(out))
+        data = out.read_bytes()
+        assert _packets(data) == _packets(src.read_bytes())
+        with av.open(io.BytesIO(data)) as c:
+            assert [s.type for s in c.streams] == ["video"]
+        assert [f.tobytes() for f in decode_frames(data)] == [f.tobytes() for f in decode_frames(src.read_bytes())]
+        assert out.stat().st_size < src.stat().st_size
+    # What it does not handle it leaves alone (the caller remuxes): no track with that id, not an MP4.
+    assert not mp4_video_only(str(sources[0]), 99, str(tmp_path / "none.mp4"))
+    assert not (tmp_path / "none.mp4").exists()
+    assert not mp4_video_only(str(vf.text_file(tmp_path / "t.mp4")), 1, str(tmp_path / "none.mp4"))
+
+
+def test_writer_bytes_equal_tarfile_output(tmp_path):
+    """The shard writer builds USTAR headers itself and hashes on a thread: the archive is still
+    byte for byte what tarfile writes for the same members, and its sha256 is the file's."""
+    from vidssl.shard.writer import _tarinfo, ustar_header
+
+    for name, size in [("a.json", 0), ("k_0123456789ab.mp4", 1_055_736), ("x" * 100, 5), ("é.cls", 8 ** 11 - 1)]:
+        assert ustar_header(name, size) == _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8",
+                                                                       "surrogateescape")
+    clips = [vf.make_video(tmp_path / f"c{i}.mp4", frames=6 + 5 * i) for i in range(3)]
+    big = tmp_path / "big.mp4"  # larger than the writer's 1 MiB copy buffer, not a multiple of 512
+    big.write_bytes(os.urandom((1 << 20) * 2 + 777))
+    clips.append(big)
+    w = ShardWriter(str(tmp_path), "x-000000.tar")
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for i, clip in enumerate(clips):
+            meta, cls = json.dumps({"i": i}).encode(), (b"%d" % i if i % 2 else None)
+            w.add(f"k{i}", meta, str(clip), cls, 1, 0.1)
+            tf.addfile(_tarinfo(f"k{i}.json", len(meta)), io.BytesIO(meta))
+            with open(clip, "rb") as fh:
+                tf.addfile(_tarinfo(f"k{i}.mp4", clip.stat().st_size), fh)
+            if cls is not None:
+                tf.addfile(_tarinfo(f"k{i}.cls", len(cls)), io.BytesIO(cls))
+    rec = w.commit()
+    data = (tmp_path / "x-000000.tar").read_bytes()
+    assert data == ref.getvalue()
+    assert rec["bytes"] == len(data) and rec["sha256"] == hashlib.sha256(data).hexdigest()

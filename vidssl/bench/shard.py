@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--copies", type=int, default=100, help="copies of the sample clips for the stream-copy run")
     p.add_argument("--reencode-copies", type=int, default=10,
                    help="copies of the sample clips for a re-encode run long enough to be stable (0: skip)")
+    p.add_argument("--copy-only", action="store_true",
+                   help="time only stream copy (skip every re-encode run and --reencode-copies)")
     p.add_argument("--workers", type=int, default=0, help="processes per side (0: all cores)")
     p.add_argument("--short-side", type=int, default=64, help="resize short side to this")
     p.add_argument("--crf", type=int, default=23)
@@ -83,16 +85,27 @@ def _baseline(inputs: list[str], work: Path, args, workers: int, copy: bool) -> 
     return time.perf_counter() - t0
 
 
-def _vidssl(inputs: list[str], work: Path, args, workers: int, copy: bool) -> float:
+def _cpu_seconds() -> float:
+    """User + system CPU of this process and its reaped children (the shard workers)."""
+    import resource
+
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def _vidssl(inputs: list[str], work: Path, args, workers: int, copy: bool, cpu: list | None = None) -> float:
+    """Wall seconds of one run_shard; appends its CPU seconds (all processes) to ``cpu``."""
     from vidssl.shard import ShardConfig, run_shard
 
     shutil.rmtree(work, ignore_errors=True)
     cfg = ShardConfig(sources=inputs, output=str(work), workers=workers, progress="none", copy=copy,
                       short_side=None if copy else args.short_side, crf=args.crf, preset=args.preset,
                       gop=args.gop, bframes=0, threads=1, min_seconds=0.0)
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_seconds(), time.perf_counter()
     summary = run_shard(cfg)
     dt = time.perf_counter() - t0
+    if cpu is not None:
+        cpu.append(_cpu_seconds() - c0)
     if summary["rejected"]:
         log.warning("vidssl rejected %d inputs (see %s/errors.jsonl)", summary["rejected"], work)
     return dt
@@ -105,10 +118,12 @@ def _measure(name: str, inputs: list[str], root: Path, args, workers: int,
     rows = []
     for mode in modes:
         copy = mode == "copy"
-        times = {"vidssl": [], "ffmpeg+tar": []}
+        times: dict[str, list[float]] = {"vidssl": [], "ffmpeg+tar": []}
+        cpu: list[float] = []
+        load0 = os.getloadavg()[0]  # other processes on the same cores skew both sides: record it
         _vidssl(inputs, root / "warm", args, workers, copy)  # warm the page cache and imports
         for _ in range(args.runs):
-            times["vidssl"].append(_vidssl(inputs, root / "v", args, workers, copy))
+            times["vidssl"].append(_vidssl(inputs, root / "v", args, workers, copy, cpu))
             times["ffmpeg+tar"].append(_baseline(inputs, root / "b", args, workers, copy))
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {"dataset": name, "mode": mode, "inputs": len(inputs), "input_mb": round(mb, 2),
@@ -116,7 +131,11 @@ def _measure(name: str, inputs: list[str], root: Path, args, workers: int,
                "vidssl_mb_s": round(mb / med["vidssl"], 2), "baseline_mb_s": round(mb / med["ffmpeg+tar"], 2),
                "ratio": round(med["ffmpeg+tar"] / med["vidssl"], 3), "runs": args.runs,
                "all_vidssl_s": [round(t, 3) for t in times["vidssl"]],
-               "all_baseline_s": [round(t, 3) for t in times["ffmpeg+tar"]]}
+               "all_baseline_s": [round(t, 3) for t in times["ffmpeg+tar"]],
+               "load_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
+               # CPU seconds of vidssl (parent + workers) per run: unlike wall time, barely moved by
+               # other processes on the cores; / cores is the wall time the work needs on idle cores.
+               "vidssl_cpu_s": round(statistics.median(cpu), 3)}
         log.info("%s %s: vidssl %.2f MB/s, ffmpeg+tar %.2f MB/s, ratio %.2f", name, mode, row["vidssl_mb_s"],
                  row["baseline_mb_s"], row["ratio"])
         rows.append(row)
@@ -147,9 +166,10 @@ def run(args) -> int:
     root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="vidssl-bench-shard-"))
     root.mkdir(parents=True, exist_ok=True)
     rows = []
+    modes = ("copy",) if args.copy_only else ("reencode", "copy")
     clips = _sample_clips()
     if clips:
-        rows += _measure("sample clips", clips, root / "samples", args, workers)
+        rows += _measure("sample clips", clips, root / "samples", args, workers, modes=modes)
         # Stream copy is I/O-bound: time it on enough bytes that process start-up does not dominate.
         big = root / "copies"
         big.mkdir(parents=True, exist_ok=True)
@@ -162,7 +182,7 @@ def run(args) -> int:
                 copies.append(str(dst))
         rows += _measure(f"sample clips x{args.copies} copies", copies, root / "copies-run", args, workers,
                          modes=("copy",))
-        if args.reencode_copies > 0:
+        if args.reencode_copies > 0 and not args.copy_only:
             # The 4 clips alone take ~1.5 s to re-encode, so worker start-up swings the ratio; ×N is stable.
             n = min(args.reencode_copies, args.copies) * len(clips)
             rows += _measure(f"sample clips x{n // len(clips)} copies", copies[:n], root / "reenc-run", args,
@@ -174,16 +194,16 @@ def run(args) -> int:
         if not (ddir / "labels.csv").exists():
             generate_digits(DigitsConfig(videos=args.digits, workers=workers), ddir, force=True)
         vids = sorted(str(p) for p in (ddir / "videos").rglob("*.mp4"))
-        rows += _measure(f"moving digits x{len(vids)}", vids, root / "digits-run", args, workers)
+        rows += _measure(f"moving digits x{len(vids)}", vids, root / "digits-run", args, workers, modes=modes)
     versions = {"pyav": av.__version__, "pyav_ffmpeg": str(getattr(av, "ffmpeg_version_info", "?")),
                 "ffmpeg_cli": _ffmpeg_version(), "workers": workers}
     print(f"workers={workers}  PyAV {versions['pyav']} (FFmpeg {versions['pyav_ffmpeg']})  "
           f"ffmpeg CLI {versions['ffmpeg_cli']}")
-    print("| data | mode | inputs | MB | vidssl MB/s | ffmpeg+tar MB/s | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| data | mode | inputs | MB | vidssl MB/s | ffmpeg+tar MB/s | ratio | load (1 min, start-end) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['dataset']} | {r['mode']} | {r['inputs']} | {r['input_mb']} | {r['vidssl_mb_s']} | "
-              f"{r['baseline_mb_s']} | {r['ratio']} |")
+              f"{r['baseline_mb_s']} | {r['ratio']} | {r['load_1min'][0]}-{r['load_1min'][1]} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"versions": versions, "rows": rows}, indent=1))
     if not args.work:

@@ -20,6 +20,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -83,6 +84,11 @@ class WorkerPool:
         self.timeout = timeout
         self.workers: list[_Worker] = []
 
+    def start(self, k: int) -> None:
+        """Start up to ``k`` workers now (each takes ~0.2 s to import PyAV: overlap that with setup)."""
+        while len(self.workers) < min(k, self.n):
+            self.workers.append(_Worker())
+
     def idle(self) -> _Worker | None:
         for w in self.workers:
             if w.pos is None:
@@ -138,6 +144,7 @@ class WorkerPool:
         return out
 
     def close(self) -> None:
+        """Stop every worker: idle ones are told to exit (they do at once), busy ones are killed."""
         for w in self.workers:
             try:
                 if w.pos is None:
@@ -169,17 +176,23 @@ def _remove_task_files(task: dict[str, Any]) -> None:
 
 # ---- settings, journal, resume ------------------------------------------------------------------
 
-def library_versions() -> dict[str, str]:
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
     import platform
 
     import av
 
     from vidssl import __version__
 
-    return {"vidssl": __version__, "av": av.__version__,
-            "ffmpeg": str(getattr(av, "ffmpeg_version_info", "")) or "unknown",
-            "libavcodec": ".".join(map(str, av.library_versions.get("libavcodec", ()))),
-            "python": platform.python_version()}
+    return tuple({"vidssl": __version__, "av": av.__version__,
+                  "ffmpeg": str(getattr(av, "ffmpeg_version_info", "")) or "unknown",
+                  "libavcodec": ".".join(map(str, av.library_versions.get("libavcodec", ()))),
+                  "python": platform.python_version()}.items())
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in index.json (computed once per process)."""
+    return dict(_versions())
 
 
 def _job_tag(cfg: ShardConfig) -> str:
@@ -337,6 +350,18 @@ def run_shard(cfg: ShardConfig) -> dict[str, Any]:
     if not items:
         raise UserError(f"no input files found in SOURCE {cfg.sources!r}")
     classes, labels = resolve_labels(items, cfg.classes)
+    mine = [i for i in range(len(items)) if i % cfg.num_jobs == cfg.job_index]
+    # Workers start now: their start-up (Python + PyAV imports) overlaps the setup below.
+    pool = WorkerPool(cfg.n_workers, cfg.timeout)
+    pool.start(min(cfg.n_workers, sum(1 for i in mine if items[i].error is None)))
+    try:
+        return _run_shard(cfg, t_start, outdir, prefix, items, classes, labels, mine, pool)
+    finally:
+        pool.close()
+
+
+def _run_shard(cfg: ShardConfig, t_start: float, outdir: str, prefix: str, items: list[InputItem],
+               classes: list[str], labels, mine: list[int], pool: WorkerPool) -> dict[str, Any]:
     settings = cfg.output_settings()
     settings["prefix"] = prefix
     settings["inputs"] = {"count": len(items), "sha256": fingerprint(items)}
@@ -370,8 +395,6 @@ def run_shard(cfg: ShardConfig) -> dict[str, Any]:
     for path in glob.glob(os.path.join(glob.escape(outdir), f".{glob.escape(prefix)}{tag}-*.tar.partial")):
         _unlink(path)
 
-    mine = [i for i in range(len(items)) if i % cfg.num_jobs == cfg.job_index]
-
     # Resume: keep committed shards that are still intact on disk; redo from the first that is not.
     kept: list[dict[str, Any]] = []
     for rec in commits:
@@ -396,7 +419,7 @@ def run_shard(cfg: ShardConfig) -> dict[str, Any]:
     summary: dict[str, Any]
     if not finished:
         skipped += _run_inputs(cfg, items, labels, mine, outdir, prefix, tag, tmpdir, journal, shards, errors,
-                               start_pos, skip_clips)
+                               start_pos, skip_clips, pool)
     shutil.rmtree(tmpdir, ignore_errors=True)
 
     job_record = {"job_index": cfg.job_index, "num_jobs": cfg.num_jobs, "settings": settings, "classes": classes,
@@ -423,11 +446,12 @@ def run_shard(cfg: ShardConfig) -> dict[str, Any]:
 
 
 def _run_inputs(cfg, items, labels, mine, outdir, prefix, tag, tmpdir, journal, shards, errors,
-                start_pos, skip_clips) -> int:
-    """The main loop: dispatch, reorder, write shards, journal each commit. Returns skipped count."""
+                start_pos, skip_clips, pool: WorkerPool) -> int:
+    """The main loop: dispatch, reorder, write shards, journal each commit. Returns skipped count.
+    ``pool`` is closed by the caller."""
     n_workers = min(cfg.n_workers, max(1, len(mine) - start_pos))
+    pool.n = n_workers
     window = max(4, 3 * n_workers)  # inputs in flight or finished but not yet written
-    pool = WorkerPool(n_workers, cfg.timeout)
     progress = _Progress(cfg, len(mine), start_pos)
     shard_bytes, shard_samples = cfg.shard_bytes, cfg.shard_samples
     results: dict[int, dict[str, Any]] = {}

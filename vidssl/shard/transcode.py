@@ -110,7 +110,7 @@ def open_input(path: str, quick: bool = False):
     ``quick`` (stream copy): such files are opened without FFmpeg's stream-info probing, which
     decodes frames of every stream (≈ 20 ms for a 720p clip with audio); an MP4's headers already
     hold size, rate, duration and frame count, and copy mode reads the pixel format and rotation
-    from its first keyframe instead.
+    from the SPS, the MP4 matrices and its first keyframe instead (:func:`_first_key_facts`).
     """
     import av
 
@@ -126,8 +126,11 @@ def open_input(path: str, quick: bool = False):
     iso_bmff = head[4:8] == b"ftyp" and head[8:12] != b"qt  "
     try:
         if quick and iso_bmff:
+            # skip_frame=all: FFmpeg's stream-info pass then decodes no picture at all (it would
+            # decode the first keyframe of a single-stream file, ~25 ms at 1080p, only to learn
+            # the pixel format, which copy mode reads from the SPS; see headers.py).
             return av.open(path, format="mp4", metadata_errors="ignore",
-                           options={"probesize": "32", "analyzeduration": "0"}), True
+                           options={"probesize": "32", "analyzeduration": "0", "skip_frame": "all"}), True
         return av.open(path, metadata_errors="ignore"), iso_bmff
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
         raise Reject("probe", f"not a readable video container: {exc}") from None
@@ -411,13 +414,29 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
 
 # ---- stream copy --------------------------------------------------------------------------------
 
-def _first_frame_facts(vs, packet) -> tuple[int, str | None]:
-    """(display rotation in counter-clockwise degrees, pixel format) from decoding ONE packet.
+def _first_key_facts(vs, packet, info: dict[str, Any], path: str) -> tuple[int, str | None]:
+    """(display rotation in counter-clockwise degrees, pixel format) for stream copy.
 
-    The display matrix is stream side data that PyAV 18 does not expose on the stream; the decoder
-    attaches it to every frame, so decoding the first keyframe (single-threaded, then flushed; copy
-    mode decodes nothing else) reads it from the same open container, no second open.
+    Read from headers when they settle it (H.264 in an MP4: identity ``mvhd``/``tkhd`` matrices,
+    no display-orientation SEI in the first keyframe, an 8-bit 4:2:0 limited-range SPS; see
+    :mod:`vidssl.shard.headers`); otherwise by decoding the first keyframe ``packet``
+    (single-threaded, then flushed): the display matrix is stream side data that PyAV 18 does not
+    expose on the stream, and the decoder attaches it to every frame.
     """
+    from vidssl.shard import headers
+
+    cc = vs.codec_context
+    if info.get("iso_bmff") and cc is not None and cc.name == "h264":
+        data = bytes(packet)
+        pix = info["pix_fmt"] or headers.h264_pix_fmt(cc.extradata, cc.color_range, data)
+        if (pix is not None and headers.h264_orientation_sei(cc.extradata, data) is False
+                and headers.mp4_display_matrix_is_identity(path, vs.id)):
+            return 0, pix
+    return _decoded_facts(vs, packet)
+
+
+def _decoded_facts(vs, packet) -> tuple[int, str | None]:
+    """(rotation, pixel format) of the frame that decoding ONE keyframe packet gives."""
     cc = vs.codec_context
     cc.thread_count = 1
     cc.thread_type = "SLICE"
@@ -428,9 +447,11 @@ def _first_frame_facts(vs, packet) -> tuple[int, str | None]:
 
 
 def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[str, Any]]:
-    """Stream copy. Whole-video plans of a single-stream MP4 are taken verbatim (the source bytes go
-    into the tar; one demux-only pass gives frame count and keyframes); everything else is remuxed
-    GOP by GOP: a clip covers every GOP overlapping its planned span.
+    """Stream copy. Whole-video plans of an MP4 are taken verbatim (one demux-only pass gives frame
+    count and keyframes): a single-stream file's bytes go into the tar as they are, a file with
+    other tracks is rewritten without them at the box level (:func:`headers.mp4_video_only`, the
+    video track byte for byte). Everything else is remuxed GOP by GOP: a clip covers every GOP
+    overlapping its planned span.
 
     Timing is exact integer ticks of the stream time base; a GOP boundary becomes a Fraction once.
     Open-GOP sources: packets that follow a keyframe in decode order but are shown BEFORE it
@@ -439,8 +460,14 @@ def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[st
     """
     import av
 
+    from av.stream import Discard
+
     vs = container.streams.video[0]
-    tb = Fraction(vs.time_base)
+    for other in container.streams:
+        if other.index != vs.index:
+            other.discard = Discard.all  # the demuxer then skips their packets without reading them
+    vs_tb = vs.time_base  # a new Fraction on every access: read once
+    tb = Fraction(vs_tb)
     origin = vs.start_time  # ticks; None → the first packet's pts
     plan = Plan(task)
     default_dur = max(1, int(round(1 / (float(info["fps"]) * tb)))) if info["fps"] else max(1, round(1 / (25 * tb)))
@@ -449,7 +476,7 @@ def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[st
     def first_key(packet) -> None:
         if facts:
             return
-        rot, pix = _first_frame_facts(vs, packet)
+        rot, pix = _first_key_facts(vs, packet, info, task["path"])
         facts.update(rotation=rot, pix_fmt=pix)
         if rot % 360:
             raise Reject("plan", f"rotation metadata ({rot} degrees) needs a re-encode to come out upright; "
@@ -457,11 +484,21 @@ def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[st
         if pix:
             info["pix_fmt"] = info["pix_fmt"] or pix
 
-    verbatim = (plan.mode == "whole" and info.get("iso_bmff") and len(container.streams) == 1)
-    if verbatim:
+    if plan.mode == "whole" and info.get("iso_bmff"):
         rec = _copy_verbatim(container, vs, info, task, first_key, origin, tb, default_dur)
-        if rec is not None:
+        if rec is not None and len(container.streams) == 1:
             return [rec]
+        if rec is not None:
+            # Other tracks (audio, …) must go: keep the video track's boxes and bytes as they are
+            # and drop the rest (headers.mp4_video_only), instead of remuxing packet by packet.
+            from vidssl.shard.headers import mp4_video_only
+
+            path = os.path.join(task["tmpdir"], f"{task['index']:08d}-0.mp4")
+            task["_clips"].append(path)
+            if mp4_video_only(task["path"], vs.id, path):
+                rec.update(path=path, owned=True)
+                return [rec]
+            task["_clips"].remove(path)
         container.seek(0, stream=vs)  # not verbatim after all: remux from the start
 
     clips: list[dict[str, Any]] = []
@@ -507,7 +544,7 @@ def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[st
                 q = av.Packet(p)  # a fresh reference: the same packet may go to overlapping clips
                 q.pts = p.pts - off
                 q.dts = (p.dts - off) if p.dts is not None else None
-                q.time_base = vs.time_base
+                q.time_base = vs_tb
                 q.stream = ost
                 clip["pts"].append(q.pts)
                 if p.is_keyframe:
@@ -684,7 +721,9 @@ def _unlink(path: str) -> None:
 
 def _cleanup(task: dict[str, Any]) -> None:
     for clip in task.get("_clips", []):
-        if isinstance(clip, _ClipEncoder):
+        if isinstance(clip, str):  # a finished file (video-only copy of an MP4)
+            _unlink(clip)
+        elif isinstance(clip, _ClipEncoder):
             clip.abort()
         else:
             try:
