@@ -438,12 +438,17 @@ def test_cli_shard_exit_codes_and_options(many, tmp_path, capsys):
     assert (settings["short_side"], settings["shard_samples"], settings["gop"], settings["crf"]) == (32, 5, 4, 28)
     assert cli.main(["shard", "info", str(out)]) == 0
     assert cli.main(["shard", "-o", str(tmp_path / "x")]) == 2  # no SOURCE
-    assert cli.main(["shard", str(many), "-o", str(tmp_path / "no" / "parent")]) == 2
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["shard", str(many), "-o", str(tmp_path / "afile" / "sub")]) == 2  # a file in the way
     assert cli.main(["shard", str(many), "-o", str(tmp_path / "y"), "gop=0"]) == 2
     assert cli.main(["shard", str(many), "-o", str(tmp_path / "y"), "--short-side", "33"]) == 2
     assert cli.main(["shard", str(tmp_path / "nope"), "-o", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
     assert "gop: got 0; allowed: >= 1" in err and "short_side: got 33" in err and "nope" in err
+    assert "afile' is a file, not a folder" in err
+    # Missing parent folders are created, as users of `-o shards/new` expect.
+    assert cli.main(["shard", str(many), "-o", str(tmp_path / "new" / "nested" / "ds"), "-q"]) == 0
+    assert (tmp_path / "new" / "nested" / "ds" / "index.json").is_file()
     assert cli.main(["shard", "verify"]) == 2
 
 

@@ -33,7 +33,7 @@ class ShardConfig(Config):
 
     sources: list[str] = field(default_factory=list, metadata=spec(
         help="video files, directories (recursive), globs, or manifests (.csv/.jsonl with a 'path' column)"))
-    output: str = field(default="", metadata=spec(help="output folder (OUTDIR); its parent must exist"))
+    output: str = field(default="", metadata=spec(help="output folder (OUTDIR); created with its parents if missing"))
     prefix: str = field(default="", metadata=spec(help="shard name prefix (default: OUTDIR's folder name)"))
     # ---- clip plan
     clip_seconds: float | None = field(default=None, metadata=spec(

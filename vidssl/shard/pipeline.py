@@ -317,9 +317,12 @@ def _check_args(cfg: ShardConfig) -> tuple[str, str]:
     if not cfg.output:
         raise UserError("output: no OUTDIR given (-o OUTDIR)")
     outdir = os.path.abspath(os.path.expanduser(cfg.output))
-    parent = os.path.dirname(outdir)
-    if not os.path.isdir(parent):
-        raise UserError(f"output {cfg.output!r}: parent folder {parent!r} does not exist")
+    # Missing parents are created (as mkdir -p would), but not through a path that is a file.
+    ancestor = os.path.dirname(outdir)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f"output {cfg.output!r}: {ancestor!r} is a file, not a folder")
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UserError(f"output {cfg.output!r}: exists and is not a folder")
     prefix = cfg.prefix or slug(os.path.basename(outdir), 60)
