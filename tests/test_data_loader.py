@@ -335,6 +335,53 @@ def test_workers_processes_resume_and_equal_ranks(dataset):
         _same(x, y)
 
 
+@pytest.mark.slow
+def test_persistent_workers_reused_buffers_hold_exact_frames(dataset):
+    # Workers persist across epochs and stack batches into a few reused shared-memory buffers. Every
+    # batch the trainer keeps must still hold its own frames after the workers reused their buffers
+    # for later batches and epochs, and each epoch must equal a fresh loader's.
+    members = _members(dataset)
+    ref = {k: full_decode(v[1]) for k, v in members.items()}
+    c = cfg(dataset, workers=2, prefetch=1, drop_last=False, mode="clip", augment="none", batch_size=2)
+    loader = build_loader(c, rank=0, world_size=1)
+    kept, pids = [], []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        pids.append(sorted(w.pid for w in loader._pool[0]._iterator._workers))
+        fresh = build_loader(c, rank=0, world_size=1)
+        fresh.set_epoch(epoch)
+        for x, y in zip(batches, list(fresh), strict=True):
+            _same(x, y)
+        fresh.close()
+        kept.extend(batches)
+    assert pids[0] == pids[1] == pids[2]  # the same worker processes served every epoch
+    assert len(kept) == 3 * 6
+    for b in kept:
+        for r, key in enumerate(b["key"]):
+            want = torch.from_numpy(ref[key][b["frame_indices"]["video"][r].numpy()]).permute(0, 3, 1, 2)
+            assert torch.equal(b["video"][r], want), key
+    loader.close()
+    assert loader._pool is None
+    assert len(list(loader)) == 6  # closed workers are started again on demand (epoch 3)
+    loader.close()
+
+
+@pytest.mark.slow
+def test_abandoned_iteration_then_resume_with_persistent_workers(dataset):
+    c = cfg(dataset, workers=2, drop_last=False, mode="clip", augment="none", batch_size=1)
+    ref = list(build_loader(c, rank=0, world_size=1))
+    loader = build_loader(c, rank=0, world_size=1)
+    it = iter(loader)
+    first = [next(it), next(it)]  # the workers have prefetched more: those batches are discarded
+    rest = list(loader)  # a new iteration continues from the consumed position, batch 2
+    for x, y in zip(first + rest, ref, strict=True):
+        _same(x, y)
+    with pytest.raises(RuntimeFailure, match="iterated again"):
+        next(it)  # the old iteration cannot continue: its workers served the new one
+    loader.close()
+
+
 # ---- bad data ---------------------------------------------------------------------------------
 
 def _copy(ds, dst):

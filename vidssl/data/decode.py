@@ -73,7 +73,7 @@ class PyAVDecoder(Decoder):
                 groups[-1].append(f)
             else:
                 groups.append([f])
-        out: dict[int, np.ndarray] = {}
+        out = _FrameSink(want)
         try:
             with av.open(io.BytesIO(data), mode="r") as container:
                 stream = container.streams.video[0]
@@ -98,7 +98,7 @@ class PyAVDecoder(Decoder):
         missing = [f for f in want if f not in out]
         if missing:
             raise DecodeError(f"pyav: frames {missing[:5]} not found (metadata says {meta.get('frames')} frames)")
-        return np.stack([out[f] for f in want])
+        return out.frames()
 
     @staticmethod
     def _decode_group(container, stream, group, k, fps, tb, start, out, rgb, seek) -> bool:
@@ -116,13 +116,41 @@ class PyAVDecoder(Decoder):
                 if idx > group[0]:
                     return False
             if idx in todo:
-                out[idx] = rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()  # (H, W, 3) uint8
+                out.put(idx, rgb.reformat(frame, format="rgb24", threads=1).to_ndarray())  # (H, W, 3) view
                 todo.discard(idx)
             if idx >= last and not todo:
                 break
             if idx > last:
                 break
         return True
+
+
+class _FrameSink:
+    """Collects decoded frames straight into one (N, 3, H, W) uint8 array, in ``want`` order.
+
+    ``to_ndarray()`` of an rgb24 frame is a view of the frame's buffer; copying it here, transposed,
+    is the only copy a frame gets before the batch: the loader's tensors are (..., C, H, W), so the
+    HWC → CHW transpose happens once, here, instead of a stacking copy here and a transposing copy
+    when the batch is collated."""
+
+    def __init__(self, want: list[int]) -> None:
+        self.pos = {f: i for i, f in enumerate(want)}
+        self.got: set[int] = set()
+        self.buf: np.ndarray | None = None
+
+    def put(self, idx: int, rgb: np.ndarray) -> None:
+        if self.buf is None:
+            h, w = rgb.shape[:2]
+            self.buf = np.empty((len(self.pos), 3, h, w), dtype=np.uint8)
+        self.buf[self.pos[idx]] = rgb.transpose(2, 0, 1)
+        self.got.add(idx)
+
+    def __contains__(self, idx: int) -> bool:
+        return idx in self.got
+
+    def frames(self) -> np.ndarray:
+        """(N, H, W, 3) uint8, the Decoder interface's layout, as a view of the (N, 3, H, W) array."""
+        return self.buf.transpose(0, 2, 3, 1)
 
 
 class DecordDecoder(Decoder):

@@ -10,8 +10,13 @@ Pipeline, with what flows at each boundary::
     decode + augment                → worker (default) or DecodeStage in the main process
                                       (decode_stage=main: workers send bytes + frame plans)
     collate (worker/main)           → batch dict, uint8 (B, T, C, H, W) windows
+    worker → main                   → windows in a reused shared-memory slot (_BatchRing), small
+                                      arrays pickled; main copies the windows out, hands the slot back
     VideoLoader.__iter__ (main)     → reorders by batch number, counts errors, counts consumed
                                       batches where the trainer receives them
+
+Worker processes persist across epochs and resumes; each iteration sends them a _Job (epoch plan,
+consumed position, samples known to hang) through a small file they read when it starts.
 
 Batches that fail partly keep their size: a failed row is replaced by a copy of a good row of
 the same batch (or of the worker's last good sample, or the next good one) and marked
@@ -21,9 +26,11 @@ the same batch (or of the worker's last good sample, or the next good one) and m
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -51,6 +58,7 @@ log = logging.getLogger("vidssl.data")
 
 STATE_VERSION = 1
 _WINDOWS = {"ssl": ("context", "future", "other"), "clip": ("video",), "views": ("video",)}
+_WINDOWS_ALL = ("context", "future", "other", "video")
 
 
 # ---- one sample: clip plan, decode, augment ----------------------------------------------------
@@ -75,8 +83,10 @@ class SampleProcessor:
     def frames(self, sample: Sample, windows: dict[str, list[int]]) -> torch.Tensor:
         """Decode every frame the windows need: (N, C, H, W) uint8, rows in window order."""
         idx = [i for w in windows.values() for i in w]
-        arr = self.decoder.decode(sample.data, idx, sample.meta)  # (N, H, W, 3)
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+        arr = self.decoder.decode(sample.data, idx, sample.meta)  # (N, H, W, 3), any strides
+        # PyAV's frames are (N, 3, H, W) in memory (see decode._FrameSink): the permute makes them a
+        # contiguous (N, C, H, W) tensor with no copy; decord's are HWC: a strided view until collated.
+        return torch.from_numpy(arr).permute(0, 3, 1, 2)
 
     def finish(self, sample: Sample, dataset: int, epoch: int, windows: dict[str, list[int]],
                frames: torch.Tensor) -> dict[str, Any]:
@@ -127,28 +137,39 @@ class SampleProcessor:
         return self.finish(sample, dataset, epoch, windows, self.frames(sample, windows))
 
 
-def _stack(items: list):
+def _stack(items: list, out_for=None):
+    """Stack equal-shaped rows into one batch tensor; ``out_for(shape, dtype)`` may give the output
+    buffer (a worker's reusable shared-memory ring, see :class:`_BatchRing`)."""
     # Native-size clips (augment=none) from differently sized videos cannot be stacked.
     if not all(t.shape == items[0].shape for t in items):
         return list(items)
     out = None
-    if torch.utils.data.get_worker_info() is not None:
+    elem = items[0]
+    if out_for is not None:
+        out = out_for((len(items), *elem.shape), elem.dtype)
+    elif torch.utils.data.get_worker_info() is not None:
         # In a DataLoader worker, stack straight into shared memory: sending the batch to the main
         # process then passes a handle instead of copying every clip into a new shared segment.
-        # Rows may be (T, C, H, W) views of (T, H, W, C) decoder output: this one strided copy is
-        # also the HWC -> CHW transpose.
-        elem = items[0]
         storage = elem._typed_storage()._new_shared(len(items) * elem.numel(), device=elem.device)
         out = elem.new(storage).resize_(len(items), *elem.shape)  # the way torch's default_collate does it
+    # Rows are contiguous (T, C, H, W) (PyAV) or (T, C, H, W) views of HWC frames (decord): then this
+    # one strided copy is also the HWC -> CHW transpose. For uint8, numpy's copy loop is ~40% cheaper
+    # than torch.stack's, and single-threaded (no intra-op pool wake-ups).
+    if out is not None and elem.dtype == torch.uint8:
+        dst = out.numpy()
+        for i, t in enumerate(items):
+            dst[i] = t.numpy()
+        return out
     return torch.stack(items, out=out)
 
 
-def collate(rows: list[dict[str, Any]], valid: list[bool], mode: str) -> dict[str, Any]:
+def collate(rows: list[dict[str, Any]], valid: list[bool], mode: str, out_for=None) -> dict[str, Any]:
     """Rows → batch: windows (B, T, C, H, W) uint8, frame_indices {window: (B, T)}, key, label,
-    dataset, valid."""
+    dataset, valid. ``out_for(name, shape, dtype)`` may supply the window tensors' buffers."""
     batch: dict[str, Any] = {}
     for name in _WINDOWS[mode]:
-        batch[name] = _stack([r[name] for r in rows])
+        batch[name] = _stack([r[name] for r in rows],
+                             None if out_for is None else (lambda shape, dtype, n=name: out_for(n, shape, dtype)))
     batch["frame_indices"] = {n: torch.stack([r["frame_indices"][n] for r in rows]) for n in rows[0]["frame_indices"]}
     batch["key"] = [r["key"] for r in rows]
     batch["label"] = torch.tensor([r["label"] for r in rows], dtype=torch.int64)
@@ -205,6 +226,102 @@ class _ThreadGuard:
             raise DecodeError(f"decode did not finish within decode_timeout={self.timeout}s") from None
 
 
+# ---- reusable shared-memory batch buffers -----------------------------------------------------
+
+class _BatchRing:
+    """A worker's reusable shared-memory batch buffers.
+
+    A fresh shared segment per batch costs the worker a page fault per 4 KiB page it writes (a
+    (4, 16, 3, 128, 228) uint8 batch: 1,400 faults, most of the loader's system time). Instead each
+    worker keeps up to ``slots`` sets of window buffers and stacks batches into a free one. Hand-back
+    is explicit: ``flags`` is a (workers, slots) uint8 tensor in shared memory made by the main
+    process before the workers start; the worker sets ``flags[w, s] = 1`` when it fills slot ``s``,
+    and the main process copies the windows out of the slot (the trainer never sees a view of a
+    ring buffer) and then sets it back to 0. With no free slot the worker falls back to a new
+    segment, so it never waits. The main process resets all flags before each iteration: batches
+    still in flight from an abandoned iteration are discarded, never read.
+    """
+
+    def __init__(self, flags: torch.Tensor, worker: int) -> None:
+        self.flags, self.worker = flags, worker
+        self.bufs: list[dict[str, torch.Tensor]] = [{} for _ in range(flags.shape[1])]
+        self.slot: int | None = None
+
+    def acquire(self) -> int | None:
+        """A free slot (now marked busy), or None when every slot is still with the main process."""
+        row = self.flags[self.worker].tolist()
+        for s, busy in enumerate(row):
+            if not busy:
+                self.flags[self.worker, s] = 1
+                self.slot = s
+                return s
+        self.slot = None
+        return None
+
+    def out(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The current slot's buffer for window ``name``, (re)made in shared memory when its shape changes."""
+        bufs = self.bufs[self.slot]
+        t = bufs.get(name)
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            t = torch.empty(shape, dtype=dtype).share_memory_()
+            bufs[name] = t
+        return t
+
+    def release_unused(self) -> None:
+        """The batch did not use the slot (rows of different sizes stay lists): free it again."""
+        if self.slot is not None:
+            self.flags[self.worker, self.slot] = 0
+            self.slot = None
+
+
+def _copy_out(batch: dict[str, Any], flags: torch.Tensor, views: dict) -> None:
+    """Main process: replace a batch's ring-backed windows by private copies, then hand the slot back.
+
+    ``views`` keeps the last received tensor of every (worker, slot, window) alive, so the buffer's
+    shared mapping stays open and the next batch in that slot is not mapped (and page-faulted) again:
+    torch reuses a storage it still holds when the same segment arrives again. Those views are only
+    read here, between the worker filling the slot and this hand-back."""
+    ring = batch.pop("_ring", None)
+    if ring is None:
+        return
+    for name in _WINDOWS_ALL:
+        t = batch.get(name)
+        if isinstance(t, torch.Tensor) and t.is_shared():
+            # (A pin_memory thread already made a private pinned copy: then t is not shared.)
+            views[(ring[0], ring[1], name)] = t
+            # (B, ..., C, H, W) uint8, ours alone. A plain single-threaded memcpy: torch's clone would
+            # wake the main process's intra-op thread pool, whose spinning costs far more CPU than the copy.
+            batch[name] = torch.from_numpy(t.numpy().copy())
+    flags[ring[0], ring[1]] = 0
+
+
+_SMALL = ("label", "dataset", "valid")
+
+
+def _to_wire(batch: dict[str, Any]) -> dict[str, Any]:
+    """Worker → main: small tensors as numpy arrays. Each tensor crossing the process boundary is a
+    shared-memory segment whose file descriptor torch passes over its own authenticated socket
+    connection; for (B,)-sized labels and indices that costs far more than pickling the values."""
+    for k in _SMALL:
+        if isinstance(batch.get(k), torch.Tensor):
+            batch[k] = batch[k].numpy()
+    if "frame_indices" in batch:
+        batch["frame_indices"] = {n: t.numpy() for n, t in batch["frame_indices"].items()}
+    batch["_wire"] = True
+    return batch
+
+
+def _from_wire(batch: dict[str, Any]) -> dict[str, Any]:
+    """Main: undo :func:`_to_wire` (numpy arrays back to tensors, no copy)."""
+    if batch.pop("_wire", False):
+        for k in _SMALL:
+            if isinstance(batch.get(k), np.ndarray):
+                batch[k] = torch.from_numpy(batch[k])
+        if "frame_indices" in batch:
+            batch["frame_indices"] = {n: torch.from_numpy(a) for n, a in batch["frame_indices"].items()}
+    return batch
+
+
 # ---- the per-worker stream ---------------------------------------------------------------------
 
 class _WorkerStream:
@@ -215,9 +332,9 @@ class _WorkerStream:
     """
 
     def __init__(self, cfg: DataConfig, shards: list[ShardRef], wp: WorkerPlan, epoch: int, skip: int,
-                 bad: frozenset[str], guard=None) -> None:
+                 bad: frozenset[str], guard=None, ring: _BatchRing | None = None) -> None:
         self.cfg, self.shards, self.wp, self.epoch, self.skip, self.bad = cfg, shards, wp, epoch, skip, bad
-        self.guard = guard
+        self.guard, self.ring = guard, ring
         self.raw = cfg.decode_stage == "main"
         self.proc = SampleProcessor(cfg, decoder=None if not self.raw else _NoDecoder())
         self.positions = wp.positions()  # read position → (shard, ordinal, pad)
@@ -307,7 +424,13 @@ class _WorkerStream:
                         valid.append(False)
                 if good:
                     self.last_good = good[-1]
-                batch = collate(rows, valid, self.cfg.mode)
+                ring = self.ring if self.ring is not None and self.ring.acquire() is not None else None
+                batch = collate(rows, valid, self.cfg.mode, None if ring is None else ring.out)
+                if ring is not None:
+                    if any(isinstance(batch[n], torch.Tensor) for n in _WINDOWS[self.cfg.mode]):
+                        batch["_ring"] = (ring.worker, ring.slot)
+                    else:
+                        ring.release_unused()
             batch["_index"] = wp.rank_batch(b)
             batch["_errors"] = errors
             yield batch
@@ -333,26 +456,68 @@ class _NoDecoder:
         raise AssertionError("workers do not decode with decode_stage=main")
 
 
-class _EpochDataset(torch.utils.data.IterableDataset):
-    """What each DataLoader worker runs: its slice of the epoch plan."""
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One iteration's work for the workers: this rank's epoch plan, local batches already consumed
+    per plan worker, which plan worker DataLoader worker 0 serves, and samples known to hang."""
 
-    def __init__(self, cfg, shards, plan: EpochPlan, rank: int, consumed: list[int], rotate: int,
-                 bad: frozenset[str], marker_dir: str | None) -> None:
+    plan: EpochPlan
+    consumed: list[int]
+    rotate: int
+    bad: frozenset[str]
+
+
+class _EpochDataset(torch.utils.data.IterableDataset):
+    """What each DataLoader worker runs: its slice of an epoch plan.
+
+    The workers persist across epochs (forking fresh ones every epoch cost page faults and start-up
+    on every epoch), so the epoch is not built into the dataset: each ``__iter__`` reads the current
+    :class:`_Job` from ``job_path``, a small pickle the main process (this loader, never shard
+    content) rewrites before every ``iter(DataLoader)``. With ``workers: 0`` the job is given directly.
+    """
+
+    def __init__(self, cfg, shards, rank: int, job_path: str | None = None, marker_dir: str | None = None,
+                 job: _Job | None = None, ring_flags: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.cfg, self.shards, self.plan, self.rank = cfg, shards, plan, rank
-        self.consumed, self.rotate, self.bad, self.marker_dir = consumed, rotate, bad, marker_dir
+        self.cfg, self.shards, self.rank = cfg, shards, rank
+        self.job_path, self.marker_dir, self.job, self.ring_flags = job_path, marker_dir, job, ring_flags
+        self._guard = None  # per worker process, made on its first epoch and reused
+        self._ring: _BatchRing | None = None  # likewise
+
+    def _job(self) -> _Job:
+        if self.job is not None:
+            return self.job
+        with open(self.job_path, "rb") as f:
+            return pickle.load(f)  # noqa: S301 - written by this loader's main process, not shard content
 
     def __iter__(self):
+        job = self._job()
         info = torch.utils.data.get_worker_info()
         k_dl = info.id if info is not None else 0
         # DataLoader worker 0 serves the plan worker owning the next batch, so batches arrive in order.
-        k = (k_dl + self.rotate) % self.plan.workers
+        k = (k_dl + job.rotate) % job.plan.workers
         guard = None
         if self.cfg.decode_stage == "worker":
-            guard = (_WorkerGuard(self.marker_dir, k, self.cfg.decode_timeout) if info is not None and self.marker_dir
-                     else _ThreadGuard(self.cfg.decode_timeout))
-        wp = self.plan.worker(self.rank, k)
-        yield from _WorkerStream(self.cfg, self.shards, wp, self.plan.epoch, self.consumed[k], self.bad, guard)
+            if self._guard is None:
+                # Marker files are per DataLoader worker (a process), not per plan worker: roles rotate.
+                self._guard = (_WorkerGuard(self.marker_dir, k_dl, self.cfg.decode_timeout)
+                               if info is not None and self.marker_dir else _ThreadGuard(self.cfg.decode_timeout))
+            guard = self._guard
+        if self._ring is None and self.ring_flags is not None and info is not None:
+            self._ring = _BatchRing(self.ring_flags, k_dl)
+        wp = job.plan.worker(self.rank, k)
+        stream = _WorkerStream(self.cfg, self.shards, wp, job.plan.epoch, job.consumed[k], job.bad, guard, self._ring)
+        if info is None:
+            yield from stream
+        else:
+            for batch in stream:
+                yield _to_wire(batch)
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    # Our batches are complete; torch's default (default_convert) would turn _to_wire's numpy arrays
+    # back into tensors in the worker.
+    return batch
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -440,6 +605,9 @@ class VideoLoader:
         self.stats: dict[str, Any] = {}
         self._reset_stats()
         self._last_warn = 0.0
+        self._pool: tuple[Any, str, str] | None = None  # persistent DataLoader workers, see _workers_pool
+        self._generation = 0  # counts iterations: an older, unfinished one must not steal batches
+        self._ring_views: dict[tuple[int, int, str], torch.Tensor] = {}  # see _copy_out
         self.plan(0)  # fail early (e.g. too few samples) with the user's settings in the message
 
     # -- public API --
@@ -552,9 +720,8 @@ class VideoLoader:
         self.stats["error_shards"].clear()
         stage = DecodeStage(self.cfg, self._epoch) if self.cfg.decode_stage == "main" else None
         while self._consumed < n:
-            marker_dir = tempfile.mkdtemp(prefix="vidssl-loader-") if self.cfg.workers > 0 else None
             try:
-                for batch in self._batches(plan, marker_dir):
+                for batch in self._batches(plan):
                     self._record(batch.pop("_errors"))
                     if stage is not None:
                         batch = stage(batch)
@@ -565,7 +732,7 @@ class VideoLoader:
             except RuntimeError as exc:
                 # A worker died (its decode watchdog fired, or it crashed): find the sample it was
                 # decoding, mark it bad, restart the workers from the consumed position.
-                tags = _dead_worker_samples(exc, marker_dir)
+                tags = _dead_worker_samples(exc, self._pool[1] if self._pool else None)
                 if not tags:
                     raise
                 for tag in tags:
@@ -576,35 +743,89 @@ class VideoLoader:
                 log.warning("a loader worker died while decoding %s (decode_timeout=%ss?); restarting workers "
                             "from batch %d, skipping that sample", ", ".join(tags), self.cfg.decode_timeout,
                             self._consumed)
+                self.close()  # that DataLoader lost a worker: the next pass starts fresh ones
                 continue
-            finally:
-                if marker_dir:
-                    shutil.rmtree(marker_dir, ignore_errors=True)
         self._epoch += 1
         self._consumed = 0
 
-    def _batches(self, plan: EpochPlan, marker_dir: str | None) -> Iterator[dict[str, Any]]:
-        c = self.cfg
-        start = self._consumed
-        consumed = [len(range(k, start, self.workers)) for k in range(self.workers)]
-        ds = _EpochDataset(c, self.shards, plan, self.rank, consumed, start % self.workers,
-                           frozenset(self._bad), marker_dir)
-        if c.workers == 0:
-            source: Any = iter(ds)
-        else:
+    def _workers_pool(self) -> tuple[Any, str, str]:
+        """(DataLoader, marker dir, job file): worker processes started once and kept across epochs
+        and resumes; each iteration sends them its :class:`_Job` through the job file."""
+        if self._pool is None:
+            c = self.cfg
             # Import what the workers need here, once: forked workers inherit the loaded modules
-            # instead of each importing them again (~1 s for torchvision) at every epoch's start.
+            # instead of each importing them again (~1 s for torchvision).
             import av  # noqa: F401, PLC0415
 
             if c.augment != "none":
                 import torchvision.transforms.v2.functional  # noqa: F401, PLC0415
+            tmp = tempfile.mkdtemp(prefix="vidssl-loader-")
+            markers = os.path.join(tmp, "markers")
+            os.mkdir(markers)
+            job_path = os.path.join(tmp, "job.pkl")
+            # Ring hand-back flags (see _BatchRing): per worker, enough slots for every batch torch
+            # lets be in flight (prefetch × workers) plus the one being filled.
+            flags = torch.zeros(c.workers, c.prefetch * c.workers + 1, dtype=torch.uint8).share_memory_()
+            ds = _EpochDataset(c, self.shards, self.rank, job_path=job_path, marker_dir=markers, ring_flags=flags)
             # Plan workers with no batches left simply yield nothing.
-            source = torch.utils.data.DataLoader(
+            dl = torch.utils.data.DataLoader(
                 ds, batch_size=None, num_workers=c.workers, prefetch_factor=c.prefetch,
-                worker_init_fn=_worker_init, pin_memory=c.pin_memory, persistent_workers=False)
+                worker_init_fn=_worker_init, pin_memory=c.pin_memory, persistent_workers=True,
+                collate_fn=_as_is)
+            self._pool = (dl, markers, job_path)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes (they persist across epochs) and remove their temporary files.
+        Iterating again afterwards starts new workers. Also called when the loader is garbage-collected."""
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is None:
+            return
+        dl, markers, _job = pool
+        it = getattr(dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        dl._iterator = None
+        self._ring_views = {}
+        shutil.rmtree(os.path.dirname(markers), ignore_errors=True)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - best effort at interpreter shutdown
+            pass
+
+    def _batches(self, plan: EpochPlan) -> Iterator[dict[str, Any]]:
+        c = self.cfg
+        start = self._consumed
+        consumed = [len(range(k, start, self.workers)) for k in range(self.workers)]
+        job = _Job(plan, consumed, start % self.workers, frozenset(self._bad))
+        self._generation += 1
+        gen = self._generation
+        if c.workers == 0:
+            source: Any = iter(_EpochDataset(c, self.shards, self.rank, job=job))
+        else:
+            dl, _markers, job_path = self._workers_pool()
+            tmp = job_path + ".tmp"
+            with open(tmp, "wb") as f:
+                pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, job_path)  # before iter(): the persistent workers read it when they restart
+            flags = dl.dataset.ring_flags
+            flags.zero_()  # slots held by batches of an abandoned iteration: those are discarded unread
+            source = iter(dl)
         waiting: dict[int, dict[str, Any]] = {}
         nxt = start
-        for batch in source:
+        while True:
+            if gen != self._generation:
+                # The persistent workers now serve a newer iteration of this loader.
+                raise RuntimeFailure("data: this loader was iterated again before an earlier iteration finished; "
+                                     "only the newest iteration can continue")
+            batch = next(source, None)
+            if batch is None:
+                break
+            if c.workers:
+                _copy_out(batch, flags, self._ring_views)  # at once: the worker reuses the slot after this
+                _from_wire(batch)
             waiting[batch["_index"]] = batch
             while nxt in waiting:
                 yield waiting.pop(nxt)
