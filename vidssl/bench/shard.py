@@ -160,6 +160,9 @@ def run(args) -> int:
 
     if args.runs < 1:
         raise UserError(f"--runs: got {args.runs}; allowed: >= 1")
+    for name in ("copies", "reencode_copies", "digits"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')}: got {getattr(args, name)}; allowed: >= 0")
     if shutil.which("ffmpeg") is None:
         raise UserError("the baseline needs the ffmpeg command line (apt-get install ffmpeg)")
     workers = args.workers or default_workers()
@@ -173,19 +176,20 @@ def run(args) -> int:
         # Stream copy is I/O-bound: time it on enough bytes that process start-up does not dominate.
         big = root / "copies"
         big.mkdir(parents=True, exist_ok=True)
+        reenc = 0 if args.copy_only else args.reencode_copies
         copies = []
-        for i in range(args.copies):
+        for i in range(max(args.copies, reenc)):
             for c in clips:
                 dst = big / f"{i:04d}-{os.path.basename(c)}"
                 if not dst.exists():
                     shutil.copyfile(c, dst)
                 copies.append(str(dst))
-        rows += _measure(f"sample clips x{args.copies} copies", copies, root / "copies-run", args, workers,
-                         modes=("copy",))
-        if args.reencode_copies > 0 and not args.copy_only:
+        if args.copies > 0:
+            rows += _measure(f"sample clips x{args.copies} copies", copies[:args.copies * len(clips)],
+                             root / "copies-run", args, workers, modes=("copy",))
+        if reenc > 0:
             # The 4 clips alone take ~1.5 s to re-encode, so worker start-up swings the ratio; ×N is stable.
-            n = min(args.reencode_copies, args.copies) * len(clips)
-            rows += _measure(f"sample clips x{n // len(clips)} copies", copies[:n], root / "reenc-run", args,
+            rows += _measure(f"sample clips x{reenc} copies", copies[:reenc * len(clips)], root / "reenc-run", args,
                              workers, modes=("reencode",))
     if args.digits > 0:
         from vidssl.footage.digits import DigitsConfig, generate_digits

@@ -316,7 +316,7 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
         _fps_fraction(src_rate) if src_rate else None)
     active: list[_ClipEncoder] = []
     done: list[dict[str, Any]] = []
-    state: dict[str, Any] = {"rotator": None, "size": None, "rotation": 0}
+    state: dict[str, Any] = {"rotator": None, "size": None, "rotation": 0, "reformatter": None}
 
     def transformed(frame):
         if state["size"] is None:
@@ -331,7 +331,14 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
         w, h = state["size"]
         if frame.width == w and frame.height == h and frame.format.name == "yuv420p":
             return frame
-        return frame.reformat(width=w, height=h, format="yuv420p", interpolation="AREA")
+        # One reused, single-threaded converter per input: frame.reformat() builds a new
+        # multi-threaded swscale context per frame, 3.7x slower (1.14 vs 0.31 ms per 720p frame).
+        if state["reformatter"] is None:
+            from av.video.reformatter import VideoReformatter  # noqa: PLC0415
+
+            state["reformatter"] = VideoReformatter()
+        return state["reformatter"].reformat(frame, width=w, height=h, format="yuv420p", interpolation="AREA",
+                                             threads=1)
 
     def emit(raw, a: Fraction, b: Fraction) -> None:
         """Source frame ``raw`` shown over [a, b): feed it to each clip for each output frame whose
