@@ -244,6 +244,47 @@ def test_overwrite_removes_stale_videos_and_refuses_unrelated_folder(tmp_path):
     assert len(read_labels(other)) == 1
 
 
+def test_force_never_overwrites_files_it_did_not_write(tmp_path):
+    # --force writes into an unrelated non-empty folder, but a file with a name it would write is
+    # the user's: the run is refused before anything is written.
+    for name in ("labels.csv", "footage.json", "videos/000001.mp4"):
+        other = tmp_path / name.replace("/", "_")
+        (other / "videos").mkdir(parents=True)
+        (other / name).write_text("mine")
+        with pytest.raises(UserError, match=rf"already exist and were not written by a footage run \({name}\)"):
+            generate_digits(DigitsConfig(**TINY), other, force=True)
+        assert (other / name).read_text() == "mine"
+        assert sorted(str(p.relative_to(other)) for p in other.rglob("*") if p.is_file()) == [name]
+    # The CLI says the same in one line and exits 2.
+    busy = tmp_path / "labels.csv"
+    assert main(["footage", "digits", str(busy), "--force", "videos=1", "workers=1"]) == 2
+    assert (busy / "labels.csv").read_text() == "mine"
+
+
+def test_rerun_removes_only_what_the_previous_run_wrote(tmp_path):
+    out = tmp_path / "o"
+    (out / "videos").mkdir(parents=True)
+    (out / "videos" / "mine.mp4").write_text("mine")  # the user's, before a forced run
+    generate_digits(DigitsConfig(**{**TINY, "videos": 2}), out, force=True)
+    # Now a previous footage output: a rerun replaces the footage run's videos, keeps the user's.
+    generate_digits(DigitsConfig(**{**TINY, "videos": 1}), out)
+    assert sorted(p.name for p in (out / "videos").iterdir()) == ["000000.mp4", "mine.mp4"]
+    assert (out / "videos" / "mine.mp4").read_text() == "mine"
+    assert len(read_labels(out)) == 1
+    # A user file under a name the next run would write (but the previous run did not) is refused.
+    (out / "videos" / "000003.mp4").write_text("also mine")
+    with pytest.raises(UserError, match=r"\(videos/000003\.mp4\)"):
+        generate_digits(DigitsConfig(**TINY), out)
+    assert (out / "videos" / "000003.mp4").read_text() == "also mine"
+    assert len(read_labels(out)) == 1  # refused before anything was removed
+
+
+def test_cli_missing_outdir_does_not_claim_settings_are_required(capsys):
+    assert main(["footage", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "required: OUTDIR (see" in err and "key=value" not in err
+
+
 # ---- config errors ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, words", [

@@ -14,7 +14,8 @@ log = logging.getLogger("vidssl.footage")
 
 _OUTDIR_HELP = ("output folder; must be new, empty, or a previous footage output (which is "
                 "overwritten: its videos and labels.csv are removed first)")
-_FORCE_HELP = "write into a non-empty folder that is not a previous footage output (deletes nothing there)"
+_FORCE_HELP = ("write into a non-empty folder that is not a previous footage output (deletes and overwrites "
+               "nothing there: refused if a file it would write already exists)")
 
 
 def _settings_epilog() -> str:
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "OUTDIR/footage.json (settings, first) and OUTDIR/labels.csv (last).", 88),
                     epilog=_settings_epilog())
     d.add_argument("outdir", metavar="OUTDIR", help=_OUTDIR_HELP)
-    d.add_argument("settings", nargs="*", metavar="[config.yaml] [key=value ...]",
+    d.add_argument("settings", nargs="*", default=[], metavar="[config.yaml] [key=value ...]",  # optional
                    help="a YAML config file and/or key=value overrides (see below)")
     d.add_argument("--force", action="store_true", help=_FORCE_HELP)
     d.set_defaults(func=run_digits)

@@ -429,7 +429,8 @@ def generate_digits(cfg: DigitsConfig, outdir: str | Path, *, force: bool = Fals
     images, targets = load_digit_scans()
     # `workers` is left out of the marker: it does not change the output, and the marker's bytes must not either.
     settings = {k: v for k, v in cfg.to_dict().items() if k != "workers"}
-    out = prepare_outdir(outdir, kind="digits", settings=settings, force=force)
+    names = (f"{VIDEOS}/{i:06d}.mp4" for i in range(cfg.videos))  # VideoPlan.path of every video
+    out = prepare_outdir(outdir, kind="digits", settings=settings, force=force, files=names)
     # Workers get the config as plain data (picklable, re-validated there) and write to `out`.
     jobs = [(cfg.to_dict(), i, str(out)) for i in range(cfg.videos)]
     workers = resolve_workers(cfg.workers, cfg.videos)

@@ -3,9 +3,12 @@
 Policy: a new or empty folder is used as is; a folder holding a previous footage output
 (recognised by ``footage.json`` with ``"format": "vidssl-footage"``, written *first* by every
 run, so even a killed run is recognised) is overwritten: its ``labels.csv``, ``footage.json``
-and ``videos/*.mp4``/``*.part`` are removed before anything new is written, so no stale video
-survives next to the new labels. Any other non-empty folder is refused (a :class:`UserError`)
-unless ``force`` is set, in which case files are written into it and nothing is deleted.
+and the videos it wrote (named by its settings in the marker, with their ``.part`` leftovers) are
+removed before anything new is written, so no stale video survives next to the new labels. Any
+other non-empty folder is refused (a :class:`UserError`) unless ``force`` is set, in which case
+files are written into it. Files the footage run did not write itself are never deleted or
+overwritten: a run that would write over one (``footage.json``, ``labels.csv``, a video of the
+same name) is refused before it touches anything.
 ``labels.csv`` is always written last: its presence means the output is complete.
 """
 
@@ -13,10 +16,11 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from vidssl.errors import UserError
 
@@ -29,47 +33,85 @@ PART = ".part"  # suffix of files being written; renamed to their final name whe
 
 def is_footage_output(outdir: Path) -> bool:
     """True when ``outdir`` holds a (possibly incomplete) previous footage output."""
+    return previous_files(outdir) is not None
+
+
+def previous_files(outdir: Path) -> set[str] | None:
+    """Paths (relative to ``outdir``) that the previous footage output there wrote, or None if there is none.
+
+    Derived from the marker's ``kind`` and ``settings``: digits wrote ``videos/NNNNNN.mp4`` for
+    ``settings.videos`` videos, samples ``videos/<clip>`` for ``settings.clips``. Files someone
+    else put into the folder are not in the set.
+    """
     try:
         data = json.loads((outdir / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("format") == FORMAT
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return None
+    settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    owned = {MARKER, LABELS}
+    if data.get("kind") == "digits" and isinstance(settings.get("videos"), int):
+        owned.update(f"{VIDEOS}/{i:06d}.mp4" for i in range(settings["videos"]))
+    elif data.get("kind") == "samples" and isinstance(settings.get("clips"), list):
+        owned.update(f"{VIDEOS}/{name}" for name in settings["clips"] if isinstance(name, str) and "/" not in name)
+    return owned
 
 
-def check_outdir(outdir: str | Path, *, force: bool = False) -> str:
+def check_outdir(outdir: str | Path, *, force: bool = False, files: Iterable[str] = ()) -> str:
     """Apply the overwrite policy without touching anything.
 
     Returns ``"new"`` (missing or empty), ``"previous"`` (a previous footage output, to be
     overwritten) or ``"forced"`` (non-empty, unrelated, allowed by ``force``); raises
-    :class:`UserError` otherwise.
+    :class:`UserError` otherwise. ``files``: paths relative to ``outdir`` the run will write
+    besides the marker and ``labels.csv``; if one of them (or the marker, or ``labels.csv``)
+    exists and was not written by a previous footage output there, the run is refused: the
+    user's files are never overwritten.
     """
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise UserError(f"OUTDIR {str(out)!r} exists and is not a folder; give a new or empty folder")
     if not out.is_dir() or not any(out.iterdir()):
         return "new"
-    if is_footage_output(out):
-        return "previous"
-    if force:
-        return "forced"
-    raise UserError(f"OUTDIR {str(out)!r} is not empty and holds no previous footage output "
-                    f"(no {MARKER}); choose a new or empty folder, or pass --force to write into it")
+    owned = previous_files(out)
+    if owned is None and not force:
+        raise UserError(f"OUTDIR {str(out)!r} is not empty and holds no previous footage output "
+                        f"(no {MARKER}); choose a new or empty folder, or pass --force to write into it")
+    owned = owned or set()
+    listings: dict[Path, set[str]] = {}  # one listing per folder, not one stat per file
+
+    def exists(name: str) -> bool:
+        parent = (out / name).parent
+        if parent not in listings:
+            listings[parent] = {p.name for p in parent.iterdir()} if parent.is_dir() else set()
+        return Path(name).name in listings[parent]
+
+    taken = [name for name in itertools.chain((MARKER, LABELS), files) if name not in owned and exists(name)]
+    if taken:
+        raise UserError(f"OUTDIR {str(out)!r}: {len(taken)} of the files this run would write already exist "
+                        f"and were not written by a footage run ({', '.join(taken[:3])}"
+                        f"{', ...' if len(taken) > 3 else ''}); footage never overwrites them: move them or "
+                        f"choose a new or empty folder")
+    return "previous" if MARKER in owned else "forced"
 
 
 def prepare_outdir(outdir: str | Path, *, kind: str, settings: Mapping[str, Any],
-                   force: bool = False) -> Path:
+                   force: bool = False, files: Iterable[str] = ()) -> Path:
     """Check the overwrite policy, clear a previous footage output, write the marker.
 
+    ``files``: the paths (relative to ``outdir``) the run will write, see :func:`check_outdir`.
     Returns the folder as a :class:`Path` with ``videos/`` created.
     """
     out = Path(outdir)
-    if check_outdir(out, force=force) == "previous":
-        # Ours: remove everything a footage run writes, so nothing stale is left behind.
+    if check_outdir(out, force=force, files=files) == "previous":
+        # Remove what the previous footage run wrote (and only that), so nothing stale is left behind.
         (out / LABELS).unlink(missing_ok=True)  # first: the folder no longer claims to be complete
+        owned = previous_files(out) or set()
         vids = out / VIDEOS
         if vids.is_dir():
             for p in vids.iterdir():
-                if p.is_file() and (p.suffix == ".mp4" or p.name.endswith(PART)):
+                rel = f"{VIDEOS}/{p.name[:-len(PART)] if p.name.endswith(PART) else p.name}"
+                if p.is_file() and rel in owned:
                     p.unlink()
         (out / MARKER).unlink(missing_ok=True)
     try:

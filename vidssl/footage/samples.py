@@ -68,7 +68,8 @@ def copy_samples(outdir: str | Path, *, force: bool = False) -> Path:
     Returns ``outdir`` as a Path.
     """
     clips = find_sample_clips()
-    out = prepare_outdir(outdir, kind="samples", settings={"clips": [p.name for p in clips]}, force=force)
+    out = prepare_outdir(outdir, kind="samples", settings={"clips": [p.name for p in clips]}, force=force,
+                         files=[f"{VIDEOS}/{p.name}" for p in clips])
     rows = []
     for clip in clips:
         rel = f"{VIDEOS}/{clip.name}"
