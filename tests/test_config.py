@@ -6,8 +6,8 @@ from typing import Any, Literal, Optional
 
 import pytest
 
-from vidssl.config import (Config, ConfigError, dataclass, field, load_config, parse_config_args, parse_size,
-                           spec)
+from vidssl.config import (Config, ConfigError, dataclass, field, load_config, load_yaml, parse_config_args,
+                           parse_size, spec)
 
 
 @dataclass(kw_only=True)
@@ -162,6 +162,25 @@ def test_yaml_file_errors(tmp_path):
     b.write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(RootConfig, a)
+
+
+def test_yaml_key_given_twice_is_an_error_but_merge_keys_still_work(tmp_path):
+    # PyYAML silently keeps the last of two equal keys; a config typo like that must not pass.
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("seed: 1\ntrain:\n  steps: 5\n  steps: 7\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml' line 4: not valid YAML \(key 'steps' given twice "
+                                          r"\(first on line 3\)\)"):
+        load_config(RootConfig, dup)
+    top = tmp_path / "top.yaml"
+    top.write_text("seed: 1\nmode: clip\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"key 'seed' given twice"):
+        load_config(RootConfig, top)
+    merged = tmp_path / "merged.yaml"  # an explicit key may override one merged in with <<
+    merged.write_text("base: &b {steps: 3, bf16: false}\n")
+    assert load_yaml(merged) == {"base": {"steps": 3, "bf16": False}}
+    merged.write_text("train:\n  <<: {steps: 3, bf16: false}\n  steps: 4\n")
+    cfg = load_config(RootConfig, merged)
+    assert (cfg.train.steps, cfg.train.bf16) == (4, False)
 
 
 def test_parse_config_args_rejects_stray_arguments(tmp_path):

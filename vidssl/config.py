@@ -52,8 +52,11 @@ _BOOL_FALSE = {"false", "no", "off", "0"}
 _NONE_WORDS = {"none", "null", "~"}
 
 
-class ConfigError(UserError):
-    """A configuration value, key or override is invalid. The message names the key path."""
+class ConfigError(UserError, ValueError):
+    """A configuration value, key or override is invalid. The message names the key path.
+
+    Also a :class:`ValueError`, so callers that catch the standard exception for bad values see it.
+    """
 
 
 def spec(
@@ -400,6 +403,26 @@ def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": explicit keys may override merged ones
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # unhashable key: let PyYAML report it
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"key {key!r} given twice (first on line {first.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a config YAML file, following ``extends:`` (a path relative to the file)."""
     path = Path(path)
@@ -417,7 +440,7 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r}: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
