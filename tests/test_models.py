@@ -201,6 +201,40 @@ def test_weights_path_round_trip_and_errors(tmp_path):
         build_backbone("cnn3d_small", weights_path=str(junk))
 
 
+def test_weights_keyword_is_a_local_path_like_weights_path(tmp_path):
+    # build_backbone(name, weights=...) (torchvision's keyword): a local file, or None; never a download.
+    from torchvision.models.video import mc3_18
+
+    torch.manual_seed(3)
+    tv = mc3_18(weights=None, num_classes=10)
+    path = tmp_path / "mc3.pth"
+    torch.save(tv.state_dict(), path)
+    for given in (path, str(path)):
+        net = build_backbone("mc3_18", weights=given)
+        assert all(torch.equal(v, tv.state_dict()[k]) for k, v in net.state_dict().items())
+    random = build_backbone("mc3_18", weights=None)
+    assert not torch.equal(random.state_dict()["stem.0.weight"], tv.state_dict()["stem.0.weight"])
+    with pytest.raises(UserError, match=r"weights file .*nope\.pth' does not exist"):
+        build_backbone("mc3_18", weights=tmp_path / "nope.pth")
+    with pytest.raises(UserError, match=r"is a folder; expected a state dict file"):
+        build_backbone("mc3_18", weights=tmp_path)
+    with pytest.raises(ConfigError, match=r"got both weights=.* and weights_path="):
+        build_backbone("mc3_18", weights=str(path), weights_path=str(path))
+    with pytest.raises(ConfigError, match=r"weights=True \(bool\); expected a local state dict file path or None"):
+        build_backbone("mc3_18", weights=True)
+    torch.save({"fc.weight": torch.zeros(3, 512)}, tmp_path / "head_only.pth")
+    with pytest.raises(UserError, match=r"does not match backbone VideoResNetBackbone: missing"):
+        build_backbone("mc3_18", weights=tmp_path / "head_only.pth")
+
+
+def test_config_errors_are_value_errors():
+    # Callers that catch ValueError for bad values (the standard exception) see config errors too.
+    with pytest.raises(ValueError, match=r"model\.backbone: got 'resnet9000'; allowed: cnn3d_small"):
+        build_backbone("resnet9000")
+    with pytest.raises(ValueError, match=r"model\.head\.dropout"):
+        ModelConfig.from_dict({"head": {"dropout": 2.0}}, _path="model")
+
+
 def test_clips_to_input_layout_and_values():
     clips = torch.randint(0, 256, (2, 5, 3, 4, 6), dtype=torch.uint8)  # (B, T, C, H, W)
     mean, std = (0.1, 0.5, 0.9), (0.2, 0.25, 0.5)

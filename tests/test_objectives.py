@@ -191,7 +191,7 @@ def test_ssl_model_combines_weighted_objectives():
                                                              "future": {"target": "pixels"}}))
     assert list(only_future.objectives) == ["future"]
     out = only_future({k: v for k, v in batch.items() if k != "other"})
-    assert set(out) == {"loss", "future/loss"}
+    assert set(out) == {"loss", "future/loss", "future/chance"}
     only_contrast = SSLModel(SMALL, ObjectivesConfig.from_dict({"future": {"weight": 0}}))
     assert list(only_contrast.objectives) == ["contrast"]
     with pytest.raises(InputShapeError, match=r"missing window 'other'"):
@@ -275,3 +275,42 @@ def test_ssl_model_with_a_vit_backbone(future):
     assert torch.isfinite(out["loss"]) and "future/loss" in out and "contrast/acc" in out
     out["loss"].backward()
     assert all(p.grad is not None for p in model.trainable_parameters())
+
+
+@pytest.mark.parametrize("temperature", [0, 0.0, -0.1, float("nan"), float("inf")])
+def test_info_nce_rejects_temperatures_that_are_not_finite_positive(temperature):
+    q = F.normalize(torch.randn(3, 4), dim=1)
+    with pytest.raises(ValueError, match=r"temperature: got .*; allowed: a finite number > 0"):
+        info_nce(q, q, torch.arange(3), temperature)
+    with pytest.raises(ValueError, match=r"temperature"):
+        contrastive_loss(q, q, temperature)
+
+
+def test_every_future_variant_reports_its_chance_value():
+    # pixels: the loss of predicting zeros (mean square of the targets; 1.0 with norm_pix when no
+    # patch is flat); regression: the loss of predicting the batch mean (= target_var).
+    batch = make_batch(b=4)
+    torch.manual_seed(0)
+    pix = SSLModel(SMALL, ObjectivesConfig.from_dict({"future": {"target": "pixels", "pixel_size": 16,
+                                                                 "pixel_patch": 4},
+                                                      "contrast": {"enabled": False}}))
+    out = pix(batch)
+    from vidssl.models.objectives import Views
+
+    target = pix.objectives["future"].targets(Views(batch, pix.backbone, pix.mean, pix.std))
+    assert out["future/chance"].item() == pytest.approx(target.pow(2).mean().item(), rel=1e-6)
+    assert 0.5 < out["future/chance"].item() <= 1.0 + 1e-5
+    reg = SSLModel(SMALL, ObjectivesConfig.from_dict({"future": {"loss": "regression",
+                                                                 "target_encoder": "stopgrad"},
+                                                      "contrast": {"enabled": False}}))
+    out = reg(batch)
+    assert out["future/chance"].item() == pytest.approx(out["future/target_var"].item())
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_ssl_model_with_every_objective_switched_off_after_validation_is_a_config_error():
+    cfg = ObjectivesConfig()
+    cfg.future.enabled = False  # section assignments are checked one field at a time ...
+    cfg.contrast.weight = 0.0   # ... so the cross-section rule is checked again when the model is built
+    with pytest.raises(ConfigError, match=r"every objective is off"):
+        SSLModel(SMALL, cfg)

@@ -92,11 +92,23 @@ def build_backbone(name: str, *, weights_path: str | Path | None = None, _key: s
     ``_key`` is the config path used in error messages (``model`` gives ``model.backbone``,
     ``model.backbone_kwargs.depth``). Bad names and options raise :class:`ConfigError`; a missing
     or mismatched weights file raises :class:`UserError`. Nothing is ever downloaded.
+
+    ``weights=`` is accepted as another name for ``weights_path`` (torchvision's keyword): a local
+    file path, or ``None`` for random initialisation.
     """
     try:
         builder = _builder(name)
     except KeyError:
         raise ConfigError(f"{_key}.backbone: got {name!r}; allowed: {', '.join(available_backbones())}") from None
+    if "weights" in options:
+        weights = options.pop("weights")
+        if weights is not None and not isinstance(weights, (str, Path)):
+            raise ConfigError(f"{_key}.weights_path: got weights={weights!r} ({type(weights).__name__}); expected "
+                              f"a local state dict file path or None (pretrained weights are never downloaded)")
+        if weights is not None and weights_path is not None:
+            raise ConfigError(f"{_key}.weights_path: got both weights={str(weights)!r} and "
+                              f"weights_path={str(weights_path)!r}; give one")
+        weights_path = weights if weights is not None else weights_path
     allowed = backbone_options(name)
     for k in options:
         if k not in allowed:
@@ -156,6 +168,8 @@ def load_weights(net, path: str | Path, *, key: str = "weights_path") -> None:
     import torch  # noqa: PLC0415
 
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{key}: {str(p)!r} is a folder; expected a state dict file (.pt/.pth)")
     if not p.is_file():
         raise UserError(f"{key}: weights file {str(p)!r} does not exist")
     try:

@@ -7,6 +7,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
+from vidssl.config import ConfigError
 from vidssl.models.base import VideoBackbone
 from vidssl.models.objectives import TemporalContrast, Views, build_future
 
@@ -31,8 +32,10 @@ class SSLModel(nn.Module):
 
     and returns ``{"loss": weighted sum (with grad), "future/loss": ..., "future/acc": ...,
     "contrast/loss": ..., "contrast/acc": ..., ...}``: per-objective losses and metrics, detached.
-    Names: ``future/loss`` always, ``future/acc`` + ``future/chance`` (latent infonce),
-    ``future/target_var`` (latent regression); ``contrast/loss``, ``contrast/acc``, ``contrast/chance``.
+    Names: ``future/loss`` and ``future/chance`` always (the loss of predicting zeros for pixels,
+    ``log(#keys)`` for latent infonce, the targets' variance for latent regression), ``future/acc``
+    (latent infonce), ``future/target_var`` (latent regression); ``contrast/loss``, ``contrast/acc``,
+    ``contrast/chance``.
     Under data parallelism the values are this rank's (see :mod:`vidssl.models.distributed`).
 
     Call :meth:`on_after_step` after every optimizer step (EMA targets); it is a no-op otherwise, so
@@ -56,7 +59,8 @@ class SSLModel(nn.Module):
             objectives["contrast"] = TemporalContrast(cc, self.backbone.embed_dim)
             self.weights["contrast"] = cc.weight
         if not objectives:
-            raise ValueError("objectives: every objective is off; enable at least one")
+            raise ConfigError("objectives.future.enabled/objectives.contrast.enabled: every objective is off "
+                              "or has weight 0; enable at least one with weight > 0")
         self.objectives = objectives
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,8 @@ Three variants, chosen by :class:`~vidssl.models.config.FutureConfig`:
 - ``target: pixels`` (:class:`PixelFuture`): a light cross-attention decoder reads the context
   tokens ``(B, T', N, D)`` and predicts every future frame at ``pixel_size x pixel_size``, as
   ``pixel_patch`` patches; targets are the future frames resized, each patch normalised to mean 0
-  / std 1 (``norm_pix``); loss MSE. Predicting zeros scores 1.0 (the chance level with norm_pix).
+  / std 1 (``norm_pix``); loss MSE. Predicting zeros scores ``chance`` (1.0 with norm_pix, less
+  when some patches are flat).
 - ``target: latent, loss: infonce`` (:class:`LatentFuture`): dense predictive coding. A predictor
   maps the context features ``(B, T', D)`` to the F' future steps; each prediction must pick the
   true future feature of its own clip and step among those of **every clip and step in the
@@ -13,7 +14,7 @@ Three variants, chosen by :class:`~vidssl.models.config.FutureConfig`:
 - ``target: latent, loss: regression`` (:class:`LatentFuture`): MSE to the layer-normed future
   features of a target encoder that gets no gradient: the backbone itself (``stopgrad``) or an
   EMA copy (``ema``, updated by :meth:`LatentFuture.on_after_step`). Predicting the batch mean
-  scores ``future/target_var``.
+  scores ``future/target_var`` (also reported as ``chance``).
 
 Each returns ``{"loss": scalar with grad, <metric>: detached scalar, ...}``.
 """
@@ -126,7 +127,7 @@ class LatentFuture(nn.Module):
         loss = F.mse_loss(pred.float(), target)
         # Predicting the batch mean would score this; watch it to catch a collapsing target.
         target_var = target.var(dim=0, unbiased=False).mean().detach()
-        return {"loss": loss, "target_var": target_var}
+        return {"loss": loss, "target_var": target_var, "chance": target_var.clone()}
 
     @torch.no_grad()
     def _target_features(self, views: Views) -> torch.Tensor:
@@ -202,7 +203,8 @@ class PixelFuture(nn.Module):
             z = blk(z, mem)
         pred = self.out(self.norm(z)).view(b, f, npatch, -1)  # (B, F, P, p*p*C)
         loss = F.mse_loss(pred.float(), target)
-        return {"loss": loss}
+        # Predicting zeros scores this: 1.0 with norm_pix, less where patches are flat (they normalise to 0).
+        return {"loss": loss, "chance": target.pow(2).mean()}
 
 
 def build_future(cfg, backbone: VideoBackbone) -> nn.Module:
