@@ -691,3 +691,155 @@ def test_writer_bytes_equal_tarfile_output(tmp_path):
     data = (tmp_path / "x-000000.tar").read_bytes()
     assert data == ref.getvalue()
     assert rec["bytes"] == len(data) and rec["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+# ---- audit: truncation between packets, stream-copy packet props, manifest BOM -------------------
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_file_cut_between_packets_is_rejected(tmp_path, copy):
+    """A cut exactly at a packet boundary reads without any FFmpeg error: the frame count in the
+    MP4 index (or the Matroska duration) is what shows the file is incomplete."""
+    src = tmp_path / "src"
+    src.mkdir()
+    vf.truncated_at_packet(src / "cut.mp4", keep_packets=10)
+    vf.truncated_at_packet(src / "cut.mkv", keep_packets=10, fmt="matroska")
+    vf.make_video(src / "fine.mp4", frames=36)
+    out = tmp_path / "out"
+    summary = run_shard(cfg([src], out, copy=copy, workers=1))
+    errs = {Path(e["source"]).name: e for e in errors_of(out)}
+    assert set(errs) == {"cut.mp4", "cut.mkv"}, errs
+    assert errs["cut.mp4"]["stage"] == "decode" and "36 frames" in errs["cut.mp4"]["reason"]
+    assert errs["cut.mkv"]["stage"] == "decode" and "truncated" in errs["cut.mkv"]["reason"]
+    assert [Path(s["json"]["source"]).name for s in read_samples(out)] == ["fine.mp4"]
+    assert summary["rejected"] == 2 and verify_dataset(str(out)) == []
+
+
+def test_stream_copy_remux_keeps_last_frame_and_keyframe_flags(tmp_path):
+    """Remuxed clips of non-H.264 sources keep every frame (packet durations carried, else the
+    MP4 edit list trims the last one) and only the real keyframes as sync samples."""
+    src = tmp_path / "src"
+    src.mkdir()
+    vf.other_codec(src / "vp9.webm", codec="libvpx-vp9", fmt="webm", gop=6)
+    vf.other_codec(src / "mpeg4.avi", codec="mpeg4", fmt="avi", gop=6)
+    vf.other_codec(src / "mjpeg.avi", codec="mjpeg", fmt="avi")
+    for name, kw in (("whole", {}), ("windows", {"clip_seconds": 1.0, "min_seconds": 0.0})):
+        out = tmp_path / name
+        run_shard(cfg([src], out, copy=True, workers=1, **kw))
+        assert verify_dataset(str(out)) == []
+        samples = read_samples(out)
+        assert sum(s["json"]["frames"] for s in samples if "mjpeg" in s["key"]) >= 24
+        for s in samples:
+            meta = s["json"]
+            assert len(decode_frames(s["mp4"])) == meta["frames"], (s["key"], meta["frames"])
+            with av.open(io.BytesIO(s["mp4"])) as c:
+                pk = sorted((p.pts, p.is_keyframe) for p in c.demux(video=0) if p.size)
+            keys = [i for i, (_, key) in enumerate(pk) if key]
+            expect = list(range(len(pk))) if "mjpeg" in s["key"] else list(range(0, len(pk), 6))
+            assert keys == expect == meta["keyframes"], (s["key"], keys, meta["keyframes"])
+
+
+def test_manifest_with_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a BOM; the header is still 'path'."""
+    vf.make_video(tmp_path / "a.mp4", frames=12)
+    (tmp_path / "list.csv").write_bytes("\ufeffpath,label\n a.mp4 , sit \n".encode("utf-8"))
+    out = tmp_path / "out"
+    run_shard(cfg([tmp_path / "list.csv"], out, workers=1))
+    (sample,) = read_samples(out)
+    assert sample["json"]["label_name"] == "sit" and sample["cls"] == "0"
+
+
+def test_stream_copy_windows_inside_one_gop_are_stored_once(tmp_path):
+    """With a GOP longer than the stride, several windows land on the same keyframe-aligned clip:
+    it is stored once, the other windows are listed as dropped (not as identical copies)."""
+    vf.make_video(tmp_path / "long_gop.mp4", frames=24, fps=12, gop=100)  # 2 s, one keyframe
+    out = tmp_path / "out"
+    summary = run_shard(cfg([tmp_path / "long_gop.mp4"], out, copy=True, clip_seconds=0.5, workers=1))
+    (sample,) = read_samples(out)
+    assert (sample["json"]["clip_start"], sample["json"]["clip_end"], sample["json"]["frames"]) == (0.0, 2.0, 24)
+    errs = errors_of(out)
+    assert len(errs) == 3 and all(e["stage"] == "plan" and "same keyframe-aligned clip" in e["reason"] for e in errs)
+    assert summary["dropped_short"] == 3 and summary["rejected"] == 0
+    assert verify_dataset(str(out)) == []
+
+
+def test_manifest_span_after_the_end_says_so(tmp_path):
+    """A span past the video's end is a plan error naming the duration (and not mistaken for a
+    truncated file: decoding began after a seek, so fewer packets than the index lists are read)."""
+    vf.make_video(tmp_path / "a.mp4", frames=36, fps=12)  # 3 s
+    vf.make_video(tmp_path / "b.ts", frames=36, fps=12, fmt="mpegts")  # seeking past its end finds nothing
+    (tmp_path / "list.jsonl").write_text('{"path": "a.mp4", "start": 10, "end": 12}\n'
+                                         '{"path": "a.mp4", "start": 2.0}\n'
+                                         '{"path": "b.ts", "start": 10}\n')
+    out = tmp_path / "out"
+    run_shard(cfg([tmp_path / "list.jsonl"], out, workers=1))
+    errs = errors_of(out)
+    assert len(errs) == 2, errs
+    for err in errs:
+        assert err["stage"] == "plan" and "after the end of the video (3.0" in err["reason"], err
+    (sample,) = read_samples(out)
+    assert (sample["json"]["clip_start"], sample["json"]["frames"]) == (2.0, 12)
+
+
+def test_non_square_pixels_come_out_at_the_display_aspect(tmp_path):
+    """64x48 coded with 2:1 pixels is shown 128x48: frames come out square-pixel at that aspect."""
+    vf.make_video(tmp_path / "anamorphic.mp4", frames=12, sar=Fraction(2, 1))
+    vf.make_video(tmp_path / "anamorphic_rot.mp4", frames=12, sar=Fraction(2, 1), rotation=90)
+    out = tmp_path / "out"
+    run_shard(cfg([tmp_path], out, short_side=32, min_seconds=0.0, workers=1))
+    got = {Path(s["json"]["source"]).name: s for s in read_samples(out)}
+    a, r = got["anamorphic.mp4"], got["anamorphic_rot.mp4"]
+    assert (a["json"]["width"], a["json"]["height"]) == (86, 32)  # 128:48 → 85.3 → even 86
+    assert (r["json"]["width"], r["json"]["height"]) == (32, 86)
+    assert decode_frames(a["mp4"])[0].shape == (32, 86, 3)
+    assert verify_dataset(str(out)) == []
+
+
+def test_stream_copy_of_a_codec_mp4_cannot_hold_is_a_plan_error(tmp_path):
+    vf.other_codec(tmp_path / "raw.avi", codec="rawvideo", fmt="avi")
+    out = tmp_path / "out"
+    run_shard(cfg([tmp_path / "raw.avi"], out, copy=True, workers=1))
+    (err,) = errors_of(out)
+    assert err["stage"] == "plan" and "rawvideo" in err["reason"] and "copy=false" in err["reason"], err
+
+
+def test_file_names_that_are_not_utf8(tmp_path):
+    """Latin-1 names from old archives (bytes that are not UTF-8) are sharded, not a crash of the
+    whole job; JSON gets the odd bytes written as \\xNN."""
+    src = tmp_path / "src"
+    src.mkdir()
+    vf.make_video(src / os.fsdecode(b"caf\xe9.mp4"), frames=12)
+    vf.text_file(src / os.fsdecode(b"not\xff.mp4"))
+    out = tmp_path / "out"
+    run_shard(cfg([src], out, workers=1))
+    (sample,) = read_samples(out)
+    assert sample["json"]["source"].endswith("caf\\xe9.mp4") and "." not in sample["key"]
+    (err,) = errors_of(out)
+    assert err["source"].endswith("not\\xff.mp4") and err["stage"] == "probe"
+    assert verify_dataset(str(out)) == []
+
+
+def test_first_frame_after_the_stream_start_is_not_repeated(tmp_path):
+    """A recording cut mid-GOP decodes from its first keyframe, 0.5 s after the stream start: the
+    clip starts there (no half second of a frozen first frame). MPEG-4 with B-frames in AVI (UCF101
+    style) shows its first frame one frame late: still every source frame exactly once."""
+    vf.cut_mid_gop(tmp_path / "capture.ts")  # 30 packets, 24 decodable frames from +0.5 s
+    vf.other_codec(tmp_path / "xvid.avi", codec="mpeg4", fmt="avi", gop=12, bframes=2)  # 24 frames
+    out = tmp_path / "out"
+    run_shard(cfg([tmp_path], out, workers=1))
+    got = {Path(s["json"]["source"]).name: s for s in read_samples(out)}
+    ts, avi = got["capture.ts"], got["xvid.avi"]
+    assert (ts["json"]["frames"], ts["json"]["clip_start"], ts["json"]["clip_end"]) == (24, 0.5, 2.5)
+    assert (avi["json"]["frames"], avi["json"]["clip_start"], avi["json"]["clip_end"]) == (24, 0.0, 2.0)
+    for name, sample in (("capture.ts", ts), ("xvid.avi", avi)):
+        with av.open(str(tmp_path / name)) as c:
+            ref = [f.to_ndarray(format="rgb24").astype(int) for f in c.decode(video=0)]
+        frames = decode_frames(sample["mp4"])
+        nearest = [int(np.argmin([np.abs(f.astype(int) - r).mean() for r in ref])) for f in frames]
+        assert nearest == list(range(len(ref))), (name, nearest)
+    # Windows: the first one begins at the first decodable frame (shorter, here dropped as short).
+    out2 = tmp_path / "win"
+    s = run_shard(cfg([tmp_path / "capture.ts"], out2, clip_seconds=1.0, min_seconds=0.6, workers=1))
+    spans = [(m["json"]["clip_start"], m["json"]["clip_end"], m["json"]["frames"]) for m in read_samples(out2)]
+    assert spans == [(1.0, 2.0, 12)], spans  # [0.5, 1.0) and the tail [2.0, 2.5) are 0.5 s < 0.6 s
+    assert s["dropped_short"] == 2
+    assert [(e["start"], e["end"]) for e in errors_of(out2)] == [(0.5, 1.0), (2.0, 2.5)]

@@ -25,8 +25,9 @@ def pattern(i: int, width: int, height: int) -> np.ndarray:
 def make_video(path: str | os.PathLike, frames: int = 24, size: tuple[int, int] = (64, 48), fps: int = 12,
                codec: str = "libx264", pix_fmt: str = "yuv420p", rotation: int | None = None,
                timestamps: list[float] | None = None, audio: bool = False, gop: int = 12,
-               fmt: str | None = None) -> Path:
-    """Encode ``frames`` pattern frames. ``timestamps`` (seconds) makes a variable-frame-rate file."""
+               fmt: str | None = None, sar: Fraction | None = None) -> Path:
+    """Encode ``frames`` pattern frames. ``timestamps`` (seconds) makes a variable-frame-rate file;
+    ``sar``: a sample (pixel) aspect ratio other than 1 (anamorphic video)."""
     import av
 
     path = Path(path)
@@ -41,6 +42,8 @@ def make_video(path: str | os.PathLike, frames: int = 24, size: tuple[int, int] 
             vs.time_base = Fraction(1, 1000)
         if rotation is not None:
             vs.set_display_rotation(rotation)
+        if sar is not None:
+            vs.codec_context.sample_aspect_ratio = sar
         aus = None
         if audio:
             aus = out.add_stream("aac", rate=8000)
@@ -160,4 +163,69 @@ def fifo(path: str | os.PathLike) -> Path:
     """A named pipe: opening it for reading blocks forever (a genuinely hanging input)."""
     path = Path(path)
     os.mkfifo(path)
+    return path
+
+
+def truncated_at_packet(path: str | os.PathLike, keep_packets: int = 10, fmt: str = "mp4") -> Path:
+    """A file cut exactly after its ``keep_packets``-th video packet, headers intact.
+
+    MP4: written with the index first (faststart), so the cut file still opens and lists every
+    frame. Matroska: the header keeps the full duration. FFmpeg reads such a file to the cut
+    without any error (it only logs "partial file" / "File ended prematurely").
+    """
+    import av
+
+    path = Path(path)
+    options = {"movflags": "+faststart"} if fmt == "mp4" else {}
+    with av.open(str(path), "w", format=fmt, options=options) as out:
+        vs = out.add_stream("libx264", rate=12)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        vs.options = {"g": "6", "preset": "ultrafast", "bf": "0"}
+        for i in range(36):
+            frame = av.VideoFrame.from_ndarray(pattern(i, 64, 48), format="rgb24")
+            frame.pts = i
+            for p in vs.encode(frame):
+                out.mux(p)
+        for p in vs.encode(None):
+            out.mux(p)
+    with av.open(str(path)) as c:
+        ends = [p.pos + p.size for p in c.demux(video=0) if p.size]
+    data = path.read_bytes()
+    path.write_bytes(data[: ends[keep_packets - 1]])
+    return path
+
+
+def other_codec(path: str | os.PathLike, codec: str = "mjpeg", fmt: str = "avi", frames: int = 24,
+                gop: int | None = None, bframes: int = 0) -> Path:
+    """A non-H.264 video (MJPEG in AVI, VP9 in WebM, MPEG-4 part 2 ...) at 12 fps, keyframes every
+    ``gop``. MPEG-4 with ``bframes`` in AVI is the XviD/DivX layout of UCF101/HMDB51: AVI has no
+    presentation times, so FFmpeg shows the first frame one frame after the stream start."""
+    import av
+
+    path = Path(path)
+    with av.open(str(path), "w", format=fmt) as out:
+        vs = out.add_stream(codec, rate=12)
+        vs.width, vs.height = 64, 48
+        vs.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        if gop is not None:
+            vs.codec_context.gop_size = gop
+        if bframes:
+            vs.options = {"bf": str(bframes)}
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(pattern(i, 64, 48), format="rgb24")
+            frame.pts = i
+            for p in vs.encode(frame):
+                out.mux(p)
+        for p in vs.encode(None):
+            out.mux(p)
+    return path
+
+
+def cut_mid_gop(path: str | os.PathLike, frames: int = 48, keep: float = 0.6) -> Path:
+    """An MPEG-TS recording that starts in the middle of a GOP (a capture begun mid-stream):
+    the frames before its first keyframe cannot be decoded. Keyframes every 12 frames at 12 fps."""
+    path = make_video(path, frames=frames, gop=12, fmt="mpegts")
+    data = path.read_bytes()
+    cut = (len(data) - int(len(data) * keep)) // 188 * 188  # whole TS packets
+    path.write_bytes(data[cut:])
     return path

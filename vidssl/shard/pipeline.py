@@ -35,7 +35,7 @@ from typing import Any
 
 from vidssl.errors import UserError
 from vidssl.shard.config import ShardConfig
-from vidssl.shard.sources import InputItem, expand_sources, fingerprint, resolve_labels, slug
+from vidssl.shard.sources import InputItem, expand_sources, fingerprint, printable, resolve_labels, slug
 from vidssl.shard.writer import ShardWriter, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("vidssl.shard")
@@ -507,7 +507,9 @@ def _run_inputs(cfg, items, labels, mine, outdir, prefix, tag, tmpdir, journal, 
             if sample.get("owned", True):  # not the source file itself (verbatim stream copy)
                 _unlink(sample["file"])
         for e in result["errors"]:
-            rec = {"source": item.path, **e, "_input": mine[pos]}
+            # printable: a non-UTF-8 file name must not break errors.jsonl or the journal
+            rec = {"source": printable(item.path), **{k: printable(v) if isinstance(v, str) else v
+                                                       for k, v in e.items()}, "_input": mine[pos]}
             pending_errors.append(rec)
         if result.get("skipped"):
             state["pending_skipped"] += 1
@@ -565,7 +567,7 @@ def _write_index(outdir: str, settings: dict[str, Any], classes: list[str], jobs
     atomic_write_bytes(os.path.join(outdir, "errors.jsonl"), body.encode("utf-8"))
     full_settings = dict(settings)
     if cfg is not None:
-        full_settings["sources"] = list(cfg.sources)
+        full_settings["sources"] = [printable(src) for src in cfg.sources]
     index = {
         "format": FORMAT, "version": VERSION, "name": settings.get("prefix") or os.path.basename(outdir),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

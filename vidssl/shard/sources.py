@@ -51,6 +51,16 @@ class InputItem:
         return f"{self.path}\0{span}"
 
 
+def printable(text: str) -> str:
+    """``text`` as valid Unicode for JSON: a file name that is not UTF-8 (bytes kept by Python as
+    lone surrogates) gets its odd bytes written as ``\\xNN``; ordinary text is returned as is."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def slug(text: str, limit: int = 40) -> str:
     """A readable key part: ASCII letters/digits/-/_ only (no dots: webdataset splits keys on them)."""
     out = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
@@ -84,7 +94,7 @@ def _float_or_none(value: Any, what: str) -> float | None:
 def _rows_from_manifest(path: str) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) pairs; raises UserError for a manifest that cannot be used at all."""
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: Excel writes a BOM
             if path.lower().endswith(".csv"):
                 reader = csv.DictReader(fh)
                 if not reader.fieldnames or "path" not in [f.strip() for f in reader.fieldnames]:
@@ -121,7 +131,8 @@ def _from_manifest(path: str) -> list[InputItem]:
         origin = f"{path}:{line}"
         raw = row.get("path")
         if not isinstance(raw, str) or not raw.strip():
-            items.append(InputItem(path=f"{path}:{line}", error=("read", f"manifest {origin}: empty 'path'"),
+            what = "empty 'path'" if raw is None or isinstance(raw, str) else f"'path' is {raw!r}, not a file path"
+            items.append(InputItem(path=f"{path}:{line}", error=("read", f"manifest {origin}: {what}"),
                                    origin=origin))
             continue
         target = os.path.abspath(os.path.join(base, os.path.expanduser(raw.strip())))

@@ -29,7 +29,7 @@ import os
 from fractions import Fraction
 from typing import Any
 
-from vidssl.shard.sources import make_key
+from vidssl.shard.sources import make_key, printable
 
 # Container formats FFmpeg uses for single pictures: never videos.
 _IMAGE_FORMATS = ("image2", "_pipe", "apng", "webp")
@@ -159,6 +159,63 @@ def probe(container) -> dict[str, Any]:
             "fps": float(rate) if rate else None, "rate": rate, "duration": duration, "start": start,
             "start_exact": start_exact,
             "pix_fmt": cc.format.name if cc.format is not None else None, "format": fmt}
+
+
+def _damaged(packet, tb) -> Reject:
+    """The reject for a packet the demuxer flags as corrupt (a partial read at a truncated end)."""
+    at = f"{float(packet.pts * tb):.3f}s" if packet.pts is not None and tb else "unknown time"
+    return Reject("decode", f"damaged or truncated packet at {at} (the file is cut short or corrupt)")
+
+
+def _is_flush(packet) -> bool:
+    """PyAV's end-of-stream marker (not a packet of the file)."""
+    return packet.size == 0 and packet.pts is None and packet.dts is None
+
+
+def _mkv_duration(text: Any) -> float | None:
+    """Seconds from a Matroska ``DURATION`` tag (``HH:MM:SS.nnnnnnnnn``), None if absent/unparsable."""
+    try:
+        h, m, sec = str(text).strip().split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec)
+    except (ValueError, AttributeError):
+        return None
+
+
+def check_complete(container, vs, packets: int | None, end: float | Fraction | None) -> None:
+    """Reject a file whose demuxing ended early: a file cut exactly between two packets reads
+    without any error (FFmpeg only logs "partial file" / "File ended prematurely").
+
+    ``packets``: packets read from the video stream (None: demuxing began after a seek); ``end``:
+    absolute end time (seconds) of the last one. MP4/MOV/AVI headers give the frame count; Matroska
+    gives a duration (the stream's DURATION tag, else the segment's when video is the only stream).
+    """
+    fmt = container.format.name or ""
+    declared_frames = vs.frames or 0
+    indexed = "mp4" in fmt or "mov" in fmt or fmt == "avi"  # formats whose headers count the frames
+    if packets is not None and declared_frames and indexed and packets < declared_frames:
+        raise Reject("decode", f"truncated file: its index lists {declared_frames} frames, only {packets} "
+                               "could be read")
+    if "matroska" in fmt and end is not None:
+        declared = _mkv_duration(vs.metadata.get("DURATION"))
+        if declared is None and len(container.streams) == 1 and container.duration:
+            declared = container.duration / 1_000_000
+        rate = vs.average_rate or vs.guessed_rate
+        tol = 0.1 + (2 / float(rate) if rate else 0.1)
+        if declared is not None and float(end) < declared - tol:
+            raise Reject("decode", f"truncated file: the video stream ends at {float(end):.3f}s, its header "
+                                   f"says {declared:.3f}s")
+
+
+def _sample_aspect(vs) -> Fraction:
+    """The stream's sample (pixel) aspect ratio; 1 when unset or unusable."""
+    for sar in (vs.sample_aspect_ratio, getattr(vs.codec_context, "sample_aspect_ratio", None)):
+        try:
+            frac = Fraction(sar) if sar else Fraction(0)
+        except (TypeError, ValueError, ZeroDivisionError):
+            continue
+        if Fraction(1, 16) <= frac <= 16:
+            return frac
+    return Fraction(1)
 
 
 # ---- clip planning ------------------------------------------------------------------------------
@@ -324,7 +381,11 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
             state["rotation"] = rotation
             if rotation % 360:
                 state["rotator"] = _Rotator(vs, rotation)
-            w, h = (frame.height, frame.width) if rotation % 180 else (frame.width, frame.height)
+            # Non-square pixels (anamorphic DV/HDV/DVD: sample aspect ratio != 1): output square
+            # pixels at the display aspect, as players show it (the width is scaled by the SAR).
+            sar = _sample_aspect(vs)
+            w, h = (frame.width * sar, frame.height)
+            w, h = (h, w) if rotation % 180 else (w, h)
             state["size"] = even_size(w, h, task["short_side"])
         if state["rotator"] is not None:
             frame = state["rotator"](frame)
@@ -346,7 +407,13 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
         if state["size"] is None:
             transformed(raw)  # fixes the output size before the first encoder opens
         for s, e, span in plan.clips_starting_before(b):
-            active.append(_ClipEncoder(task, s, e, span, state["size"], out_fps))
+            # Only the first frame can come after a planned start (a stream cut mid-GOP, whose
+            # frames before the first keyframe do not decode; B-frame reorder delay): the clip
+            # starts at that frame instead of repeating it back to the planned start, and a
+            # window that ends before it holds no frame of the video at all.
+            if e <= a:
+                continue
+            active.append(_ClipEncoder(task, max(s, a), e, span, state["size"], out_fps))
         frame = None
         for clip in list(active):
             step = 1 / clip.fps
@@ -365,7 +432,12 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
     prev = None  # (raw frame, start time, duration)
     try:
         stop = False
+        packets = 0
         for packet in container.demux(vs):
+            if packet.is_corrupt:
+                raise _damaged(packet, vs.time_base)
+            if not _is_flush(packet):
+                packets += 1
             try:
                 frames = packet.decode()
             except av.FFmpegError as exc:
@@ -385,6 +457,13 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
                 dur = frame.duration * Fraction(ftb) if frame.duration and ftb else default_dur
                 if out_fps is None:  # no rate in the headers: trust the first frame's duration
                     out_fps = _fps_fraction(1 / dur)
+                if prev is None and not plan.start and t_origin is not None and 0 < t <= dur:
+                    # The first frame up to one frame after the stream's start time is a timestamp
+                    # artifact (AVI with B-frames: the reorder delay), not a gap: the video starts
+                    # here. (A longer gap, e.g. a stream cut mid-GOP, is not padded either: clips
+                    # start at the first frame, see emit.)
+                    t_origin += t
+                    t = Fraction(0)
                 if prev is None:
                     prev = (frame, t, dur)
                 elif t <= prev[1]:  # non-increasing timestamp: this frame replaces the previous one
@@ -400,6 +479,7 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
         if prev is not None and not stop:
             # End of stream: the last frame lasts its own duration; open clips end here.
             end = prev[1] + prev[2]
+            check_complete(container, vs, None if plan.start else packets, end + (t_origin or 0))
             emit(prev[0], prev[1], end)
             for clip in list(active):
                 clip.finish()
@@ -408,6 +488,11 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
     except av.FFmpegError as exc:
         raise Reject("encode", f"{type(exc).__name__}: {exc}") from None
     if prev is None:
+        dur = info.get("duration")
+        if plan.start and dur is not None and plan.start >= Fraction(repr(dur)):
+            # The seek went past the last frame (MPEG-TS and others): a plan problem, not damage.
+            raise Reject("plan", f"the span starts at {float(plan.start):g}s, after the end of the video "
+                                 f"({dur:.3f}s): no clip planned")
         raise Reject("decode", "no frame could be decoded")
     size = state["size"]
     for rec in done:
@@ -506,7 +591,11 @@ def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[st
                 rec.update(path=path, owned=True)
                 return [rec]
             task["_clips"].remove(path)
-        container.seek(0, stream=vs)  # not verbatim after all: remux from the start
+        try:
+            container.seek(0, stream=vs)  # not verbatim after all: remux from the start
+        except av.FFmpegError as exc:
+            raise Reject("decode", f"cannot read the video again from its start ({exc}); "
+                                   "the file may be truncated") from None
 
     clips: list[dict[str, Any]] = []
     done: list[dict[str, Any]] = []
@@ -516,6 +605,10 @@ def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[st
         out = av.open(path, "w", format="mp4", options={"fflags": "+bitexact"})
         try:
             ostream = out.add_stream_from_template(vs)
+        except ValueError as exc:  # PyAV: "'mp4' format does not support 'prores' codec"
+            out.close()
+            _unlink(path)
+            raise Reject("plan", f"stream copy: {exc}; use copy=false to re-encode it") from None
         except Exception:
             out.close()
             raise
@@ -548,9 +641,14 @@ def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[st
             clip["last"] = ge
             off, ost = clip["offset"], clip["ostream"]
             for p in use:
-                q = av.Packet(p)  # a fresh reference: the same packet may go to overlapping clips
+                # A copy of the payload only (the same packet may go to overlapping clips): its
+                # duration and keyframe flag must be set again, or the MP4 muxer trims the last
+                # frame with its edit list and marks every sample (non-H.264) as a sync sample.
+                q = av.Packet(p)
                 q.pts = p.pts - off
                 q.dts = (p.dts - off) if p.dts is not None else None
+                q.duration = p.duration
+                q.is_keyframe = p.is_keyframe
                 q.time_base = vs_tb
                 q.stream = ost
                 clip["pts"].append(q.pts)
@@ -563,12 +661,16 @@ def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[st
     last_end = 0
     started = False
     try:
+        packets = 0
         for packet in container.demux(vs):
             pts = packet.pts
             if pts is None:
                 if packet.size == 0:
                     continue  # the demuxer's end-of-stream marker
                 raise Reject("plan", "packets without timestamps: cannot stream copy (use copy=false)")
+            if packet.is_corrupt:
+                raise _damaged(packet, tb)
+            packets += 1
             if origin is None:
                 origin = pts
             t = pts - origin
@@ -588,6 +690,7 @@ def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[st
                 continue  # leading packets before the first keyframe cannot be decoded on their own
             gop.append(packet)
         else:
+            check_complete(container, vs, packets, (last_end + (origin or 0)) * tb)
             if gop:
                 flush_gop(gop, g_start, last_end)
         for clip in clips:
@@ -596,11 +699,20 @@ def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[st
     except av.FFmpegError as exc:
         raise Reject("encode", f"remux failed: {exc}") from None
     out = []
-    for clip in done:
+    landed: dict[tuple, str] = {}  # (first, last) GOP bounds → span of the window kept for them
+    for clip in sorted(done, key=lambda c: c["s"]):
         if clip["first"] is None:
             out.append({"start": float(clip["s"]), "end": float(clip["s"]), "frames": 0, "path": clip["path"],
                         "span": clip["span"]})
             continue
+        bounds = (clip["first"], clip["last"])
+        if bounds in landed:
+            # GOPs longer than the stride: this window lands on exactly the clip an earlier one
+            # gave (same keyframes, same bytes). Keep it once instead of storing copies.
+            out.append({"start": float(clip["first"]), "end": float(clip["last"]), "frames": len(clip["pts"]),
+                        "path": clip["path"], "span": clip["span"], "duplicate_of": landed[bounds]})
+            continue
+        landed[bounds] = clip["span"]
         order = sorted(clip["pts"])
         index = {p: i for i, p in enumerate(order)}
         out.append({"start": float(clip["first"]), "end": float(clip["last"]), "frames": len(order),
@@ -630,6 +742,8 @@ def _copy_verbatim(container, vs, info, task, first_key, origin, tb, default_dur
             if packet.size == 0:
                 continue
             return None
+        if packet.is_corrupt:
+            raise _damaged(packet, tb)
         if first:
             if not packet.is_keyframe:
                 return None
@@ -643,6 +757,7 @@ def _copy_verbatim(container, vs, info, task, first_key, origin, tb, default_dur
         last_end = max(last_end, pts + (packet.duration or default_dur))
     if first or min(pts_list) < pts_list[0]:
         return None
+    check_complete(container, vs, len(pts_list), None)
     if origin is None:
         origin = pts_list[0]
     order = sorted(pts_list)
@@ -684,6 +799,13 @@ def process_input(task: dict[str, Any]) -> dict[str, Any]:
             container.close()
     for rec in sorted(clips, key=lambda r: (r["start"], r["span"])):
         seconds = rec["end"] - rec["start"]
+        if rec.get("duplicate_of"):
+            _unlink(rec["path"])
+            result["errors"].append({
+                "stage": "plan", "start": round(rec["start"], 6), "end": round(rec["end"], 6),
+                "reason": f"stream copy: window {rec['span']} s lands on the same keyframe-aligned clip as window "
+                          f"{rec['duplicate_of']} s (a GOP longer than clip_stride); stored once", "_short": True})
+            continue
         if rec["frames"] == 0 or seconds < task["min_seconds"] - 1e-9:
             if rec.get("owned", True):
                 _unlink(rec["path"])
@@ -699,7 +821,7 @@ def process_input(task: dict[str, Any]) -> dict[str, Any]:
             continue
         key = make_key(task["path"], rec["span"])
         meta = {
-            "key": key, "source": task["path"], "source_codec": info["codec"],
+            "key": key, "source": printable(task["path"]), "source_codec": info["codec"],
             "source_width": info["width"], "source_height": info["height"],
             "source_fps": round(info["fps"], 6) if info["fps"] else None,
             "source_duration": round(info["duration"], 6) if info["duration"] is not None else None,
@@ -715,7 +837,14 @@ def process_input(task: dict[str, Any]) -> dict[str, Any]:
         result["samples"].append({"meta": meta, "file": rec["path"], "bytes": os.path.getsize(rec["path"]),
                                   "owned": rec.get("owned", True)})
     if not result["samples"] and not result["errors"]:
-        result["errors"].append({"stage": "plan", "reason": "no clip planned inside the video"})
+        reason = "no clip planned inside the video"
+        start, end, dur = task.get("start"), task.get("end"), info.get("duration")
+        if start is not None and dur is not None and start >= dur:
+            reason = f"the span starts at {start:g}s, after the end of the video ({dur:.3f}s): no clip planned"
+        elif start is not None or end is not None:
+            reason = (f"no decodable frame inside the span {start or 0:g}-"
+                      f"{'end' if end is None else f'{end:g}'}s")
+        result["errors"].append({"stage": "plan", "reason": reason})
     return result
 
 
