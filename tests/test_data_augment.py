@@ -95,3 +95,78 @@ def test_pyav_decoder_returns_exactly_the_requested_frames(gop8_video, indices):
     got = PyAVDecoder(1).decode(data, indices, meta)
     assert got.shape == (len(indices), 48, 64, 3)
     assert np.array_equal(got, ref[indices])
+
+
+def _encode(codec, times_ms, gop, bframes, all_sync=False):
+    """An mp4 of len(times_ms) distinct frames shown at ``times_ms``; (bytes, keyframe numbers).
+    ``all_sync`` marks every packet as a sync sample in the container's index, as an MPEG-4 Part 2
+    stream remuxed from AVI ends up."""
+    import fractions
+    import io
+
+    rng = np.random.default_rng(2)
+    base = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream(codec, rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.codec_context.time_base = fractions.Fraction(1, 1000)
+        s.codec_context.gop_size = gop
+        s.codec_context.max_b_frames = bframes
+        packets = []
+        for t, ms in enumerate(times_ms):
+            f = np.roll(base, 3 * t, axis=1).copy()
+            f[:4, : t % 64] = 255
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts, frame.time_base = ms, fractions.Fraction(1, 1000)
+            packets += s.encode(frame)
+        packets += s.encode()
+        for p in packets:
+            p.is_keyframe = p.is_keyframe or all_sync
+            c.mux(p)
+    data = buf.getvalue()
+    with av.open(io.BytesIO(data)) as c:
+        keys = [i for i, f in enumerate(c.decode(video=0)) if f.key_frame]
+    return data, keys
+
+
+def test_pyav_decoder_never_takes_frames_decoded_from_a_non_keyframe_seek():
+    # The container says every sample is a sync sample: a seek lands on a P/B picture and the
+    # MPEG-4 decoder returns garbage frames with correct timestamps until the next real keyframe.
+    if "mpeg4" not in av.codecs_available:
+        pytest.skip("no mpeg4 encoder in this PyAV build")
+    data, keys = _encode("mpeg4", [40 * t for t in range(48)], gop=12, bframes=2, all_sync=True)
+    ref = full_decode(data)
+    assert len(ref) == 48 and len(keys) > 2 and keys != list(range(48))
+    meta = {"fps": 25.0, "frames": 48, "keyframes": keys}
+    for start in range(0, 40, 3):
+        idx = list(range(start, start + 8))
+        assert np.array_equal(PyAVDecoder(1).decode(data, idx, meta), ref[idx]), idx
+
+
+def test_pyav_decoder_numbers_stream_copied_vfr_frames_by_timestamp_rank():
+    # A stream copy keeps variable frame rate timestamps (40 ms, then 80 ms apart): frame numbers
+    # are ranks of the timestamps (as the sharder counts them), not pts × fps.
+    times = [40 * t for t in range(30)] + [1200 + 80 * t for t in range(30)]
+    data, keys = _encode("libx264", times, gop=12, bframes=2)
+    ref = full_decode(data)
+    assert len(ref) == 60
+    meta = {"fps": 60 / 3.6, "frames": 60, "keyframes": keys, "copy": True}
+    for idx in ([0, 1, 2, 3], list(range(20, 44, 3)), [59, 45, 31, 30, 29, 5], list(range(50, 60))):
+        assert np.array_equal(PyAVDecoder(1).decode(data, idx, meta), ref[idx]), idx
+
+
+def test_decord_backend_hands_codecs_it_cannot_open_to_pyav():
+    # decord's bundled FFmpeg has no AV1 decoder ("cannot find video stream"), but the sharder can
+    # write AV1 (codec=av1): the decord backend must still return the reference frames.
+    pytest.importorskip("decord")
+    from vidssl.data.decode import DecordDecoder
+
+    codec = next((c for c in ("libsvtav1", "libaom-av1") if c in av.codecs_available), None)
+    if codec is None:
+        pytest.skip("no AV1 encoder in this PyAV build")
+    data, keys = _encode(codec, [40 * t for t in range(24)], gop=8, bframes=0)
+    ref = full_decode(data)
+    meta = {"fps": 25.0, "frames": len(ref), "keyframes": keys, "codec": "av1", "copy": False, "bframes": 0}
+    idx = [0, 3, 9, 17, len(ref) - 1]
+    assert np.array_equal(DecordDecoder(1).decode(data, idx, meta), ref[idx])

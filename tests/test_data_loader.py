@@ -264,6 +264,32 @@ def test_resume_mid_epoch_gives_the_same_batches(dataset, mode):
             _same(x, y)
 
 
+def test_resume_from_a_state_taken_at_the_last_batch(dataset):
+    """A checkpoint written inside the loop after the epoch's last batch: the resumed loader does
+    not replay that epoch (whether or not the loop calls set_epoch with the saved epoch again)."""
+    c = cfg(dataset, mode="clip", augment="none")
+    ref = build_loader(c, rank=0, world_size=1)
+    ref.set_epoch(1)
+    ep1, ep2 = list(ref), list(ref)
+    a = build_loader(c, rank=0, world_size=1)
+    a.set_epoch(1)
+    for _ in a:
+        state = a.state_dict()  # the last one is taken after the last batch, before the loop ends
+    assert state["epoch"] == 1 and state["batches"] == len(a) == len(ep1)
+    b = build_loader(c, rank=0, world_size=1)
+    b.load_state_dict(state)
+    b.set_epoch(1)  # a training loop resuming in its epoch 1
+    assert list(b) == []
+    b.set_epoch(2)
+    for x, y in zip(list(b), ep2, strict=True):
+        _same(x, y)
+    d = build_loader(c, rank=0, world_size=1)
+    d.load_state_dict(state)
+    assert list(d) == [] and d.epoch == 2  # the rest of epoch 1 (nothing), then epoch 2
+    for x, y in zip(list(d), ep2, strict=True):
+        _same(x, y)
+
+
 def test_resume_does_not_decode_skipped_samples(dataset, monkeypatch):
     from vidssl.data import decode
 
@@ -397,6 +423,36 @@ def test_truncated_and_missing_shards_are_counted_and_budgeted(dataset, tmp_path
     assert "max_error_fraction=0.1" in str(exc.value)
 
 
+def test_error_budget_message_counts_this_epochs_kinds(dataset, tmp_path):
+    import dataclasses
+
+    ds = _copy(dataset, tmp_path / "bad")
+    os.remove(ds / sorted(n for n in os.listdir(ds) if n.endswith(".tar"))[2])  # 3 samples missing
+    c = cfg(ds, mode="clip", augment="none", drop_last=False, max_error_fraction=0.9)
+    loader = build_loader(c, rank=0, world_size=1)
+    list(loader)
+    assert loader.stats["errors"] == {"missing": 3}
+    loader.cfg = dataclasses.replace(c, max_error_fraction=0.1)
+    with pytest.raises(RuntimeFailure, match=r"failed \(missing [1-3]\)") as exc:
+        list(loader)  # epoch 1: the message names this epoch's errors, not the 3 of epoch 0 as well
+    assert f"{loader.stats['epoch_errors']} of 12 samples" in str(exc.value)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_no_usable_sample_in_a_workers_plan_is_one_clear_line(dataset, tmp_path, workers):
+    ds = tmp_path / "gone"
+    ds.mkdir()
+    shutil.copy(dataset / "index.json", ds / "index.json")  # every shard missing: no row to stand in
+    loader = build_loader(cfg(ds, mode="clip", augment="none", workers=workers, max_error_fraction=1.0),
+                          rank=0, world_size=1)
+    with pytest.raises(RuntimeFailure) as exc:
+        list(loader)
+    msg = str(exc.value)
+    assert "\n" not in msg and "Traceback" not in msg  # not torch's worker wrapper: the CLI prints one line
+    assert "none of the" in msg and "(missing " in msg and "ds-000000.tar" in msg
+    loader.close()
+
+
 def test_undecodable_sample_is_skipped(dataset, tmp_path):
     ds = tmp_path / "garbage"
     ds.mkdir()
@@ -430,12 +486,16 @@ def test_short_video_policies(tmp_path):
     assert n < 9  # shorter than the 5 frames at stride 2 (9 frames) the plan needs
     short_key = frames[n]
     for policy in ("loop", "pad"):
-        b = next(iter(build_loader(cfg(ds, mode="clip", augment="none", frames=5, stride=2, short=policy,
-                                       shuffle=False), rank=0, world_size=1)))
-        r = b["key"].index(short_key)
-        idx = b["frame_indices"]["video"][r].tolist()
-        want = [0, 2, 4, 6, 8]
-        assert idx == ([i % n for i in want] if policy == "loop" else [min(i, n - 1) for i in want])
+        for workers, stage in ((0, "worker"), (2, "worker"), (0, "main")):
+            loader = build_loader(cfg(ds, mode="clip", augment="none", frames=5, stride=2, short=policy,
+                                      shuffle=False, workers=workers, decode_stage=stage), rank=0, world_size=1)
+            b = next(iter(loader))
+            r = b["key"].index(short_key)
+            idx = b["frame_indices"]["video"][r].tolist()
+            want = [0, 2, 4, 6, 8]
+            assert idx == ([i % n for i in want] if policy == "loop" else [min(i, n - 1) for i in want])
+            assert b["valid"].all() and loader.stats["short"] == 1 and not loader.stats["errors"]  # counted
+            loader.close()
     loader = build_loader(cfg(ds, mode="clip", augment="none", frames=5, stride=2, short="skip",
                               max_error_fraction=0.0), rank=0, world_size=1)
     b = next(iter(loader))

@@ -75,6 +75,10 @@ class PyAVDecoder(Decoder):
                 groups.append([f])
         out = _FrameSink(want)
         try:
+            # Stream-copied clips keep their source's timestamps, which need not sit on a 1/fps grid
+            # (variable frame rate): there a frame's number is the rank of its timestamp among all
+            # packets' (how the sharder counts them, docs/formats.md), read by one demux-only pass.
+            table = _pts_table(av, data) if meta.get("copy") else None
             with av.open(io.BytesIO(data), mode="r") as container:
                 stream = container.streams.video[0]
                 cc = stream.codec_context
@@ -82,6 +86,7 @@ class PyAVDecoder(Decoder):
                 cc.thread_count = self.threads
                 tb = float(stream.time_base)
                 start = stream.start_time or 0
+                number = _FrameNumbers(table, fps, tb, start)
                 # One colour converter per video, single-threaded: frame.to_ndarray(format=...) makes
                 # a new SwsContext per frame with automatic threading (a thread pool per frame),
                 # which cost 3-6x the conversion itself on 2 busy cores. Output is bit-identical.
@@ -90,9 +95,10 @@ class PyAVDecoder(Decoder):
                     k = keyframes[bisect.bisect_right(keyframes, group[0]) - 1]
                     # A freshly opened container is at frame 0: no seek needed to start there.
                     seek = g > 0 or k > 0
-                    if not self._decode_group(container, stream, group, k, fps, tb, start, out, rgb, seek):
-                        # The seek landed after the keyframe (inexact index): decode from the start.
-                        self._decode_group(container, stream, group, 0, fps, tb, start, out, rgb, True)
+                    if not self._decode_group(container, stream, group, k, number, out, rgb, seek):
+                        # The seek landed after the keyframe, or on a picture that is not one (a
+                        # container index marking every sample as a sync sample): decode from the start.
+                        self._decode_group(container, stream, group, 0, number, out, rgb, True)
         except av.error.FFmpegError as exc:
             raise DecodeError(f"pyav: {exc}") from None
         missing = [f for f in want if f not in out]
@@ -101,18 +107,35 @@ class PyAVDecoder(Decoder):
         return out.frames()
 
     @staticmethod
-    def _decode_group(container, stream, group, k, fps, tb, start, out, rgb, seek) -> bool:
+    def _decode_group(container, stream, group, k, number, out, rgb, seek) -> bool:
+        """Decode ``group`` (sorted frame numbers whose preceding keyframe is ``k``) into ``out``.
+        False when the frames cannot be trusted from where the seek landed (the caller then
+        decodes from the start)."""
         if seek:
-            container.seek(start + int(round(k / fps / tb)), stream=stream, backward=True, any_frame=False)
+            container.seek(number.pts_of(k), stream=stream, backward=True, any_frame=False)
+        # After a seek into the stream, frames count only from the first decoded keyframe on: a
+        # container index that marks non-keyframes as sync samples (MPEG-4 Part 2 remuxed to MP4)
+        # lets the seek land on a picture predicted from frames the decoder never saw, and the
+        # decoder then returns garbage with correct timestamps. (From frame 0, or with no seek at
+        # all, frames are taken as they come, exactly as a full decode gives them.)
+        keyed = not seek or k == 0
         todo = set(group)
         last = group[-1]
         first = True
         for frame in container.decode(stream):
             if frame.pts is None:
                 raise DecodeError("pyav: a frame without a timestamp")
-            idx = int(round((frame.pts - start) * tb * fps))
+            idx = number(frame.pts)
             if first:
                 first = False
+                if idx > group[0]:
+                    return False
+            if not keyed:
+                if not frame.key_frame:
+                    if idx >= group[0]:
+                        return False  # a wanted frame before any keyframe: not trustworthy
+                    continue
+                keyed = True
                 if idx > group[0]:
                     return False
             if idx in todo:
@@ -123,6 +146,48 @@ class PyAVDecoder(Decoder):
             if idx > last:
                 break
         return True
+
+
+def _pts_table(av, data: bytes) -> list[int] | None:
+    """Sorted presentation timestamps of every video packet (demux only, no decode), or None when
+    they cannot number the frames (a packet without a timestamp, or two with the same one)."""
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        pts = []
+        for packet in container.demux(stream):
+            if packet.pts is None:
+                if packet.size == 0:
+                    continue  # the demuxer's end-of-stream marker
+                return None
+            pts.append(packet.pts)
+    pts.sort()
+    return pts if len(set(pts)) == len(pts) else None
+
+
+class _FrameNumbers:
+    """Frame number (0-based, presentation order) of a decoded frame's timestamp, and back.
+
+    With a timestamp table (stream-copied clips): the rank of the timestamp among the packets'.
+    Otherwise (re-encoded clips, constant frame rate by construction): ``(pts - start) · tb · fps``.
+    """
+
+    def __init__(self, table: list[int] | None, fps: float, tb: float, start: int) -> None:
+        self.fps, self.tb, self.start = fps, tb, start
+        self.table = table
+        self.rank = {p: i for i, p in enumerate(table)} if table else None
+
+    def __call__(self, pts: int) -> int:
+        if self.rank is not None:
+            idx = self.rank.get(pts)
+            if idx is None:
+                raise DecodeError(f"pyav: a frame with timestamp {pts} that no packet has")
+            return idx
+        return int(round((pts - self.start) * self.tb * self.fps))
+
+    def pts_of(self, idx: int) -> int:
+        if self.table is not None and 0 <= idx < len(self.table):
+            return self.table[idx]
+        return self.start + int(round(idx / self.fps / self.tb))
 
 
 class _FrameSink:
@@ -172,8 +237,10 @@ class DecordDecoder(Decoder):
 
         try:
             vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=self.threads)
-        except decord.DECORDError as exc:
-            raise DecodeError(f"decord: {exc}") from None
+        except (decord.DECORDError, RuntimeError):  # (RuntimeError: "Error reading ...")
+            # decord's own FFmpeg build lacks some decoders the sharder can write (AV1: "cannot find
+            # video stream"): PyAV, the reference, decodes those; a truly broken video fails there too.
+            return PyAVDecoder(self.threads)._decode_sorted(data, want, meta)
         try:
             n = len(vr)
             if want[-1] >= n:

@@ -73,12 +73,15 @@ class SampleProcessor:
 
     def plan(self, sample: Sample, dataset: int, epoch: int) -> dict[str, list[int]]:
         """{window name: source frame numbers}; raises ShortVideo under the skip policy."""
+        return self.plan_short(sample, dataset, epoch)[0]
+
+    def plan_short(self, sample: Sample, dataset: int, epoch: int) -> tuple[dict[str, list[int]], bool]:
+        """(windows, short): ``short`` when the video was too short and loop/pad changed the indices."""
         c = self.cfg
         rng = sample_rng(c.seed, epoch, dataset, sample.key, "clip")
-        windows, _short = plan_clip(int(sample.meta["frames"]), mode=c.mode, frames=c.frames, stride=c.stride,
-                                    future=c.future, gap_min=c.gap_min, gap_max=c.gap_max, views=c.views,
-                                    short=c.short, rng=rng)
-        return windows
+        return plan_clip(int(sample.meta["frames"]), mode=c.mode, frames=c.frames, stride=c.stride,
+                         future=c.future, gap_min=c.gap_min, gap_max=c.gap_max, views=c.views,
+                         short=c.short, rng=rng)
 
     def frames(self, sample: Sample, windows: dict[str, list[int]]) -> torch.Tensor:
         """Decode every frame the windows need: (N, C, H, W) uint8, rows in window order."""
@@ -133,8 +136,10 @@ class SampleProcessor:
         return row
 
     def __call__(self, sample: Sample, dataset: int, epoch: int) -> dict[str, Any]:
-        windows = self.plan(sample, dataset, epoch)
-        return self.finish(sample, dataset, epoch, windows, self.frames(sample, windows))
+        windows, short = self.plan_short(sample, dataset, epoch)
+        row = self.finish(sample, dataset, epoch, windows, self.frames(sample, windows))
+        row["_short"] = short  # counted in loader.stats["short"]; collate ignores it
+        return row
 
 
 def _stack(items: list, out_for=None):
@@ -369,7 +374,7 @@ class _WorkerStream:
                                    f"(decode_timeout={self.cfg.decode_timeout}s); skipped")
         try:
             if self.raw:
-                return "ok", (item, shard.dataset, self.proc.plan(item, shard.dataset, self.epoch))
+                return "ok", (item, shard.dataset, *self.proc.plan_short(item, shard.dataset, self.epoch))
             fn = lambda: self.proc(item, shard.dataset, self.epoch)  # noqa: E731
             return "ok", (self.guard(fn, tag) if self.guard is not None else fn())
         except ShortVideo as exc:
@@ -394,7 +399,7 @@ class _WorkerStream:
             return held.pop(p)
 
         for b in range(self.skip, wp.batches):
-            results, errors, short = [], [], 0
+            results, errors = [], []
             for i in range(b * B, (b + 1) * B):
                 p = order[i]
                 res = self.ahead.pop(p) if p in self.ahead else self._process(p, fetch(p))
@@ -402,8 +407,11 @@ class _WorkerStream:
                     f: Failure = res[1]
                     shard = self.shards[self.positions[p][0]]
                     errors.append((f.kind, shard.name, self.positions[p][1], f.message))
-                    short += f.kind == "short"
                 results.append(res)
+            # Planned samples (not padding repeats) too short for the plan that loop/pad stretched.
+            n_short = sum(1 for j, (status, val) in enumerate(results)
+                          if status == "ok" and not self.positions[order[b * B + j]][2]
+                          and (val[3] if self.raw else val.get("_short")))
             batch: dict[str, Any]
             if self.raw:
                 batch = {"_raw": [r[1] if r[0] == "ok" else None for r in results]}
@@ -411,7 +419,7 @@ class _WorkerStream:
             else:
                 good = [r[1] for r in results if r[0] == "ok"]
                 if not good and self.last_good is None:
-                    good = self._look_ahead(b, fetch)
+                    good = self._look_ahead(b, fetch, errors)
                 fill = good or [self.last_good]
                 rows, valid = [], []
                 for j, (status, val) in enumerate(results):
@@ -433,20 +441,30 @@ class _WorkerStream:
                         ring.release_unused()
             batch["_index"] = wp.rank_batch(b)
             batch["_errors"] = errors
+            batch["_short"] = n_short
             yield batch
 
-    def _look_ahead(self, b: int, fetch) -> list:
-        """Every sample of this batch failed and there is no earlier good one: process the worker's
-        next samples until one works (kept for their own turn, so nothing is decoded twice)."""
+    def _look_ahead(self, b: int, fetch, errors: list[tuple]) -> list:
+        """Every sample of this batch failed (``errors``) and there is no earlier good one: process
+        the worker's next samples until one works (kept for their own turn, so nothing is decoded
+        twice). When none does, the error says what failed where: the main process never saw these
+        failures (they travel with the batch that could not be made), so no warning named them."""
         B = self.wp.batch_size
+        failed = list(errors)
         for i in range((b + 1) * B, len(self.wp.order)):
             p = self.wp.order[i]
             res = self._process(p, fetch(p))
             self.ahead[p] = res
             if res[0] == "ok":
                 return [res[1]]
-        raise RuntimeFailure(f"rank {self.wp.rank} worker {self.wp.worker}: no sample of this worker's epoch plan "
-                             f"could be read or decoded (first error: see the warnings above)")
+            failed.append((res[1].kind, self.shards[self.positions[p][0]].name, self.positions[p][1], res[1].message))
+        kinds = collections.Counter(f[0] for f in failed)
+        shards = collections.Counter(f[1] for f in failed)
+        raise RuntimeFailure(
+            f"data: rank {self.wp.rank} worker {self.wp.worker} of epoch {self.epoch}: none of the "
+            f"{len(self.wp.order) - b * B} samples left in its plan could be used "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}), so no sample can stand in for them; "
+            f"shards: {', '.join(f'{s} ({n})' for s, n in shards.most_common(10))}; first error: {failed[0][3]}")
 
 
 class _NoDecoder:
@@ -554,7 +572,7 @@ class DecodeStage:
                 rows.append(None)
                 valid.append(False)
                 continue
-            sample, dataset, windows = item
+            sample, dataset, windows, _short = item
             try:
                 frames = self.guard(lambda s=sample, w=windows: self.proc.frames(s, w), sample.key)
                 rows.append(self.proc.finish(sample, dataset, self.epoch, windows, frames))
@@ -605,6 +623,7 @@ class VideoLoader:
         self.stats: dict[str, Any] = {}
         self._reset_stats()
         self._last_warn = 0.0
+        self._epoch_kinds: collections.Counter = collections.Counter()  # error kinds of this pass (budget message)
         self._pool: tuple[Any, str, str] | None = None  # persistent DataLoader workers, see _workers_pool
         self._generation = 0  # counts iterations: an older, unfinished one must not steal batches
         self._ring_views: dict[tuple[int, int, str], torch.Tensor] = {}  # see _copy_out
@@ -673,9 +692,10 @@ class VideoLoader:
         n = self.plan(epoch).batches_per_rank
         if not 0 <= batches <= n:
             raise UserError(f"loader state: batches {batches} outside 0..{n} for epoch {epoch}")
+        # A state taken after the epoch's last batch (batches == n) stays at (epoch, n): the next
+        # iteration yields nothing and moves on to epoch + 1, as the interrupted loop would have, and
+        # a training loop that calls set_epoch(epoch) again does not replay the finished epoch.
         self._epoch, self._consumed = epoch, batches
-        if batches == n:
-            self._epoch, self._consumed = epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self._iterate()
@@ -695,6 +715,7 @@ class VideoLoader:
                 self.stats["short"] += 1
                 continue  # a policy outcome, not bad data: not in the budget
             self.stats["epoch_errors"] += 1
+            self._epoch_kinds[kind] += 1
             if shard:
                 self.stats["error_shards"][shard] += 1
             now = time.monotonic()
@@ -706,7 +727,7 @@ class VideoLoader:
         planned = self.plan().batches_per_rank * self.cfg.batch_size
         allowed = math.floor(self.cfg.max_error_fraction * planned)
         if self.stats["epoch_errors"] > allowed:
-            kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.stats["errors"].items()) if k != "short")
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(self._epoch_kinds.items()))  # this epoch's, like the count
             shards = ", ".join(f"{s} ({n})" for s, n in self.stats["error_shards"].most_common(10))
             raise RuntimeFailure(
                 f"data: {self.stats['epoch_errors']} of {planned} samples planned for rank {self.rank} in epoch "
@@ -718,11 +739,13 @@ class VideoLoader:
         n = plan.batches_per_rank
         self.stats["epoch_errors"] = 0
         self.stats["error_shards"].clear()
+        self._epoch_kinds.clear()
         stage = DecodeStage(self.cfg, self._epoch) if self.cfg.decode_stage == "main" else None
         while self._consumed < n:
             try:
                 for batch in self._batches(plan):
                     self._record(batch.pop("_errors"))
+                    self.stats["short"] += batch.pop("_short", 0)
                     if stage is not None:
                         batch = stage(batch)
                         self._record(batch.pop("_errors"))
@@ -820,7 +843,12 @@ class VideoLoader:
                 # The persistent workers now serve a newer iteration of this loader.
                 raise RuntimeFailure("data: this loader was iterated again before an earlier iteration finished; "
                                      "only the newest iteration can continue")
-            batch = next(source, None)
+            try:
+                batch = next(source, None)
+            except (RuntimeFailure, UserError) as exc:
+                # Raised in a worker, re-raised here by torch as "Caught X in DataLoader worker
+                # process N. Original Traceback ...": keep our one-line message for the CLI.
+                raise type(exc)(_worker_message(str(exc))) from None
             if batch is None:
                 break
             if c.workers:
@@ -833,6 +861,16 @@ class VideoLoader:
         if waiting or nxt != plan.batches_per_rank:
             raise RuntimeFailure(f"data: rank {self.rank} received batches up to {nxt} of "
                                  f"{plan.batches_per_rank} (internal plan error)")
+
+
+def _worker_message(msg: str) -> str:
+    """The original message of an exception torch re-raised from a DataLoader worker (the last line
+    of the worker's traceback, "module.Type: message"); ``msg`` itself when it is not one."""
+    if "Original Traceback" not in msg:
+        return msg
+    last = msg.rstrip().splitlines()[-1]
+    _, sep, rest = last.partition(": ")
+    return rest if sep else last
 
 
 def _dead_worker_samples(exc: RuntimeError, marker_dir: str | None) -> list[str]:
