@@ -447,6 +447,20 @@ def test_cli_shard_exit_codes_and_options(many, tmp_path, capsys):
     assert cli.main(["shard", "verify"]) == 2
 
 
+
+def test_cli_all_inputs_rejected_warns_and_keeps_exit_0(tmp_path, capsys):
+    """A run where nothing survives is a finished job with an empty dataset (exit 0, documented),
+    but the user is told so, and where the reasons are, instead of a quiet summary."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "broken.mp4").write_bytes(b"not a video at all")
+    out = tmp_path / "ds"
+    assert cli.main(["shard", str(src), "-o", str(out), "--progress", "none"]) == 0
+    err = capsys.readouterr().err
+    assert "no sample was written" in err and str(out / "errors.jsonl") in err
+    assert json.loads((out / "errors.jsonl").read_text().splitlines()[0])["stage"] == "probe"
+    assert dataset_info(str(out))["samples"] == 0
+
 # ---- frame counts and timing rule ------------------------------------------------------------------
 
 def _source_times(path) -> list:

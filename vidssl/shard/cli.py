@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from typing import Any
 
 from vidssl.errors import UserError
+
+log = logging.getLogger("vidssl.shard")
 
 SUBVERBS = ("merge", "verify", "info")
 _NOT_FLAGS = {"sources", "output"}
@@ -161,4 +164,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     summary = run_shard(cfg)
     print(_format_summary(summary), file=sys.stdout)
+    if summary["samples"] == 0 and summary["inputs"] > 0 and summary["index"]:
+        # Still exit 0 (the job finished; the dataset is valid, just empty), but say so loudly.
+        log.warning("no sample was written: all %d inputs were rejected, skipped or too short; the reasons are "
+                    "in %s", summary["inputs"], os.path.join(os.path.dirname(summary["index"]), "errors.jsonl"))
     return 0
