@@ -587,6 +587,34 @@ class _Root(Config):
     data: DataConfig = field(default_factory=lambda: DataConfig(dataset="x"))
 
 
+
+# ---- command line ---------------------------------------------------------------------------------
+
+def test_cli_data_peek_and_plan(dataset, tmp_path, capsys):
+    """`vidssl data peek/plan` read a dataset with a plain data YAML, with a whole-run YAML (its
+    `data:` section, as the demo writes), and report bad values as usage errors (exit 2)."""
+    from vidssl import cli
+
+    plain = tmp_path / "data.yaml"
+    plain.write_text("frames: 4\nstride: 2\nfuture: 2\ngap_min: 2\ngap_max: 10\ncrop_size: 32\nbatch_size: 2\n")
+    whole = tmp_path / "run.yaml"
+    whole.write_text("workdir: runs/x\nmodel:\n  backbone: cnn3d_small\ndata:\n  frames: 4\n  stride: 2\n"
+                     "  future: 2\n  gap_min: 2\n  gap_max: 10\n  crop_size: 32\n  batch_size: 3\n")
+    assert cli.main(["data", "peek", "-n", "1", str(dataset), str(plain), "workers=0"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 1: context (2, 4, 3, 32, 32)" in out and "read 1 batches (2 clips)" in out
+    assert cli.main(["data", "peek", "-n", "1", str(dataset), str(whole), "workers=0"]) == 0
+    assert "batch 1: context (3, 4, 3, 32, 32)" in capsys.readouterr().out
+    assert cli.main(["data", "plan", "--world-size", "2", str(dataset), str(whole)]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli.main(["data", "peek", str(dataset), str(plain), "frames=0"]) == 2
+    assert "frames" in capsys.readouterr().err
+    assert cli.main(["data", "peek", "--world-size", "0", str(dataset)]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: 3\n")
+    assert cli.main(["data", "peek", str(dataset), str(bad)]) == 2
+    assert "data: got 3; expected a mapping" in capsys.readouterr().err
+
 # ---- hung decoder ---------------------------------------------------------------------------------
 
 @pytest.mark.slow

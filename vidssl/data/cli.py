@@ -9,6 +9,7 @@ Options go before DATASET (everything after it is config). Overrides are DataCon
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 __all__ = ["register", "run_peek", "run_plan"]
 
@@ -41,7 +42,21 @@ def _config(args: argparse.Namespace):
 
     if getattr(args, "world_size", 1) < 1:
         raise UserError(f"--world-size: got {args.world_size}; allowed: >= 1")
-    return parse_config_args(DataConfig, [*args.config, f"dataset={args.dataset}"])
+    items, base = list(args.config), None
+    yamls = [i for i in items if "=" not in i and i.endswith((".yaml", ".yml"))]
+    if len(yamls) == 1:
+        # A whole-run config (demo, training: sections footage/shard/data/model/...) works too: its
+        # `data:` section is the data config. A plain data config has no `data` key.
+        from vidssl.config import load_yaml  # noqa: PLC0415
+
+        whole = load_yaml(yamls[0])
+        names = {f.name for f in dataclasses.fields(DataConfig)}
+        if isinstance(whole, dict) and "data" in whole and "data" not in names:
+            if not isinstance(whole["data"], dict):
+                raise UserError(f"{yamls[0]}: data: got {whole['data']!r}; expected a mapping of DataConfig fields")
+            base = whole["data"]
+            items.remove(yamls[0])
+    return parse_config_args(DataConfig, [*items, f"dataset={args.dataset}"], base=base)
 
 
 def _shape(v) -> str:
