@@ -166,6 +166,19 @@ def fifo(path: str | os.PathLike) -> Path:
     return path
 
 
+def _encode_pattern(out, vs, frames: int) -> None:
+    """Encode and mux ``frames`` numbered 64x48 pattern frames (pts 0, 1, ...), then flush."""
+    import av
+
+    for i in range(frames):
+        frame = av.VideoFrame.from_ndarray(pattern(i, 64, 48), format="rgb24")
+        frame.pts = i
+        for p in vs.encode(frame):
+            out.mux(p)
+    for p in vs.encode(None):
+        out.mux(p)
+
+
 def truncated_at_packet(path: str | os.PathLike, keep_packets: int = 10, fmt: str = "mp4") -> Path:
     """A file cut exactly after its ``keep_packets``-th video packet, headers intact.
 
@@ -181,13 +194,7 @@ def truncated_at_packet(path: str | os.PathLike, keep_packets: int = 10, fmt: st
         vs = out.add_stream("libx264", rate=12)
         vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
         vs.options = {"g": "6", "preset": "ultrafast", "bf": "0"}
-        for i in range(36):
-            frame = av.VideoFrame.from_ndarray(pattern(i, 64, 48), format="rgb24")
-            frame.pts = i
-            for p in vs.encode(frame):
-                out.mux(p)
-        for p in vs.encode(None):
-            out.mux(p)
+        _encode_pattern(out, vs, 36)
     with av.open(str(path)) as c:
         ends = [p.pos + p.size for p in c.demux(video=0) if p.size]
     data = path.read_bytes()
@@ -211,13 +218,7 @@ def other_codec(path: str | os.PathLike, codec: str = "mjpeg", fmt: str = "avi",
             vs.codec_context.gop_size = gop
         if bframes:
             vs.options = {"bf": str(bframes)}
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(pattern(i, 64, 48), format="rgb24")
-            frame.pts = i
-            for p in vs.encode(frame):
-                out.mux(p)
-        for p in vs.encode(None):
-            out.mux(p)
+        _encode_pattern(out, vs, frames)
     return path
 
 
