@@ -314,6 +314,17 @@ def test_state_from_other_world_size_or_workers_is_refused(dataset):
         build_loader(cfg(dataset, batch_size=1), rank=0, world_size=2).load_state_dict(dict(state, batch_size=1))
     with pytest.raises(UserError, match="workers was 1 when saved and is 2"):
         build_loader(cfg(dataset, workers=2), rank=0, world_size=1).load_state_dict(state)
+    # Plan settings that change which batches an epoch holds are refused too; a JSON round trip
+    # (as checkpoints store it) and an older state without them still load.
+    with pytest.raises(UserError, match="data.drop_last was True when saved and is False"):
+        build_loader(cfg(dataset, drop_last=False), rank=0, world_size=1).load_state_dict(state)
+    with pytest.raises(UserError, match="data.shuffle was True when saved and is False"):
+        build_loader(cfg(dataset, shuffle=False), rank=0, world_size=1).load_state_dict(state)
+    with pytest.raises(UserError, match="data.shuffle_buffer was 4 when saved and is 8"):
+        build_loader(cfg(dataset, shuffle_buffer=8), rank=0, world_size=1).load_state_dict(state)
+    build_loader(cfg(dataset), rank=0, world_size=1).load_state_dict(json.loads(json.dumps(state)))
+    build_loader(cfg(dataset, shuffle=False), rank=0, world_size=1).load_state_dict(
+        {k: v for k, v in state.items() if k != "plan"})
 
 
 def test_decode_stage_main_gives_the_same_batches(dataset):

@@ -607,6 +607,19 @@ class _TorchCodecDecoder:
 
 # ---- the loader ------------------------------------------------------------------------------
 
+#: DataConfig fields besides seed/batch_size that shape the epoch plan: a saved state records them.
+_PLAN_SETTINGS = ("drop_last", "shuffle", "shuffle_buffer", "weights", "resampled", "steps_per_epoch")
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain JSON-able data (tuples as lists), so saved and current states compare equal."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
 class VideoLoader:
     """Iterable of batches for one rank; see :func:`build_loader` and docs/data.md."""
 
@@ -667,13 +680,16 @@ class VideoLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Position to resume from: the next batch is batch ``batches`` of epoch ``epoch``."""
-        return {"version": STATE_VERSION, "epoch": self._epoch, "batches": self._consumed, "seed": self.cfg.seed,
-                "world_size": self.world_size, "workers": self.workers, "batch_size": self.cfg.batch_size,
-                "samples": sum(s.samples for s in self.shards)}
+        c = self.cfg
+        return {"version": STATE_VERSION, "epoch": self._epoch, "batches": self._consumed, "seed": c.seed,
+                "world_size": self.world_size, "workers": self.workers, "batch_size": c.batch_size,
+                "samples": sum(s.samples for s in self.shards),
+                "plan": {k: _plain(getattr(c, k)) for k in _PLAN_SETTINGS}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at ``state``; refuses states from another world size, worker count, seed, batch size
-        or dataset size, because the epoch plan (and so the batches) would differ."""
+        """Resume at ``state``; refuses states from another world size, worker count, seed, batch size,
+        dataset size or plan setting (drop_last, shuffle, shuffle_buffer, weights, resampled,
+        steps_per_epoch), because the epoch plan (and so the batches) would differ."""
         try:
             if int(state.get("version", -1)) != STATE_VERSION:
                 raise UserError(f"loader state version {state.get('version')!r}; this vidssl reads {STATE_VERSION}")
@@ -686,6 +702,14 @@ class VideoLoader:
                                     if key != "world_size" else
                                     f"loader state: world_size was {state[key]} when saved and is {mine[key]} now; "
                                     f"resume with {state[key]} ranks, or start a new epoch without the state")
+            saved = state.get("plan")  # absent in states written before it was recorded: not checked
+            if isinstance(saved, dict):
+                for key in _PLAN_SETTINGS:
+                    if key in saved and saved[key] != mine["plan"][key]:
+                        raise UserError(f"loader state: data.{key} was {saved[key]!r} when saved and is "
+                                        f"{mine['plan'][key]!r} now; the epoch plan depends on it, so the run "
+                                        f"cannot resume exactly (set data.{key} back, or start a new epoch "
+                                        f"without loading the state)")
             epoch, batches = int(state["epoch"]), int(state["batches"])
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"loader state: malformed ({exc!r}); expected a dict from VideoLoader.state_dict()") from None
