@@ -71,12 +71,9 @@ class SampleProcessor:
         self.cfg = cfg
         self.decoder = decoder if decoder is not None else make_decoder(cfg.backend, cfg.decode_threads)
 
-    def plan(self, sample: Sample, dataset: int, epoch: int) -> dict[str, list[int]]:
-        """{window name: source frame numbers}; raises ShortVideo under the skip policy."""
-        return self.plan_short(sample, dataset, epoch)[0]
-
     def plan_short(self, sample: Sample, dataset: int, epoch: int) -> tuple[dict[str, list[int]], bool]:
-        """(windows, short): ``short`` when the video was too short and loop/pad changed the indices."""
+        """(windows, short): windows {name: source frame numbers}; ``short`` when the video was too
+        short and loop/pad changed the indices. Raises ShortVideo under the skip policy."""
         c = self.cfg
         rng = sample_rng(c.seed, epoch, dataset, sample.key, "clip")
         return plan_clip(int(sample.meta["frames"]), mode=c.mode, frames=c.frames, stride=c.stride,
