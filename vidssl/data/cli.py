@@ -9,7 +9,6 @@ Options go before DATASET (everything after it is config). Overrides are DataCon
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 __all__ = ["register", "run_peek", "run_plan"]
 
@@ -45,17 +44,16 @@ def _config(args: argparse.Namespace):
     items, base = list(args.config), None
     yamls = [i for i in items if "=" not in i and i.endswith((".yaml", ".yml"))]
     if len(yamls) == 1:
-        # A whole-run config (demo, training: sections footage/shard/data/model/...) works too: its
-        # `data:` section is the data config. A plain data config has no `data` key.
+        # Read once here and passed as the base. A whole-run config (demo, training: sections
+        # footage/shard/data/model/...) works too: its `data:` section is the data config.
         from vidssl.config import load_yaml  # noqa: PLC0415
 
-        whole = load_yaml(yamls[0])
-        names = {f.name for f in dataclasses.fields(DataConfig)}
-        if isinstance(whole, dict) and "data" in whole and "data" not in names:
-            if not isinstance(whole["data"], dict):
-                raise UserError(f"{yamls[0]}: data: got {whole['data']!r}; expected a mapping of DataConfig fields")
-            base = whole["data"]
-            items.remove(yamls[0])
+        base = load_yaml(yamls[0])
+        if isinstance(base, dict) and "data" in base:  # DataConfig has no field named `data`
+            if not isinstance(base["data"], dict):
+                raise UserError(f"{yamls[0]}: data: got {base['data']!r}; expected a mapping of DataConfig fields")
+            base = base["data"]
+        items.remove(yamls[0])
     return parse_config_args(DataConfig, [*items, f"dataset={args.dataset}"], base=base)
 
 
