@@ -68,11 +68,15 @@ def check_outdir(outdir: str | Path, *, force: bool = False, files: Iterable[str
     exists and was not written by a previous footage output there, the run is refused: the
     user's files are never overwritten.
     """
-    out = Path(outdir)
+    return _check(Path(outdir), force, files)[0]
+
+
+def _check(out: Path, force: bool, files: Iterable[str]) -> tuple[str, set[str]]:
+    """:func:`check_outdir`, also returning the previous output's own files (empty if none)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"OUTDIR {str(out)!r} exists and is not a folder; give a new or empty folder")
     if not out.is_dir() or not any(out.iterdir()):
-        return "new"
+        return "new", set()
     owned = previous_files(out)
     if owned is None and not force:
         raise UserError(f"OUTDIR {str(out)!r} is not empty and holds no previous footage output "
@@ -92,7 +96,7 @@ def check_outdir(outdir: str | Path, *, force: bool = False, files: Iterable[str
                         f"and were not written by a footage run ({', '.join(taken[:3])}"
                         f"{', ...' if len(taken) > 3 else ''}); footage never overwrites them: move them or "
                         f"choose a new or empty folder")
-    return "previous" if MARKER in owned else "forced"
+    return ("previous" if MARKER in owned else "forced"), owned
 
 
 def prepare_outdir(outdir: str | Path, *, kind: str, settings: Mapping[str, Any],
@@ -103,10 +107,10 @@ def prepare_outdir(outdir: str | Path, *, kind: str, settings: Mapping[str, Any]
     Returns the folder as a :class:`Path` with ``videos/`` created.
     """
     out = Path(outdir)
-    if check_outdir(out, force=force, files=files) == "previous":
+    state, owned = _check(out, force, files)
+    if state == "previous":
         # Remove what the previous footage run wrote (and only that), so nothing stale is left behind.
         (out / LABELS).unlink(missing_ok=True)  # first: the folder no longer claims to be complete
-        owned = previous_files(out) or set()
         vids = out / VIDEOS
         if vids.is_dir():
             for p in vids.iterdir():
