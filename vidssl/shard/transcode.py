@@ -206,6 +206,11 @@ def check_complete(container, vs, packets: int | None, end: float | Fraction | N
                                    f"says {declared:.3f}s")
 
 
+def _after_end(start: float, duration: float) -> str:
+    """The reject reason for a span that starts at or after the end of the video."""
+    return f"the span starts at {start:g}s, after the end of the video ({duration:.3f}s): no clip planned"
+
+
 def _sample_aspect(vs) -> Fraction:
     """The stream's sample (pixel) aspect ratio; 1 when unset or unusable."""
     for sar in (vs.sample_aspect_ratio, getattr(vs.codec_context, "sample_aspect_ratio", None)):
@@ -491,8 +496,7 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
         dur = info.get("duration")
         if plan.start and dur is not None and plan.start >= Fraction(repr(dur)):
             # The seek went past the last frame (MPEG-TS and others): a plan problem, not damage.
-            raise Reject("plan", f"the span starts at {float(plan.start):g}s, after the end of the video "
-                                 f"({dur:.3f}s): no clip planned")
+            raise Reject("plan", _after_end(float(plan.start), dur))
         raise Reject("decode", "no frame could be decoded")
     size = state["size"]
     for rec in done:
@@ -840,7 +844,7 @@ def process_input(task: dict[str, Any]) -> dict[str, Any]:
         reason = "no clip planned inside the video"
         start, end, dur = task.get("start"), task.get("end"), info.get("duration")
         if start is not None and dur is not None and start >= dur:
-            reason = f"the span starts at {start:g}s, after the end of the video ({dur:.3f}s): no clip planned"
+            reason = _after_end(start, dur)
         elif start is not None or end is not None:
             reason = (f"no decodable frame inside the span {start or 0:g}-"
                       f"{'end' if end is None else f'{end:g}'}s")
