@@ -30,6 +30,7 @@ COMMANDS: list[str] = [
     "vidssl.footage.cli",
     "vidssl.shard.cli",
     "vidssl.data.cli",
+    "vidssl.train.cli",
     "vidssl.bench",
 ]
 
@@ -54,6 +55,9 @@ def common_options() -> argparse.ArgumentParser:
                    help="more log output (-vv for debug); tracebacks on errors")
     p.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS,
                    help="less log output (warnings and errors only)")
+    # Appended by the deepspeed launcher (before the verb with --module) and torch.distributed.launch.
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     return p
 
 

@@ -77,12 +77,27 @@ class SSLModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def on_after_step(self) -> None:
-        """Per-step hooks of the objectives (EMA target update); call after each optimizer step."""
+    def on_after_step(self, ema_momentum: float | None = None) -> None:
+        """Per-step hooks of the objectives (EMA target update); call after each optimizer step.
+
+        ``ema_momentum``: this step's EMA momentum from a schedule (default: the objective's config).
+        """
         for obj in self.objectives.values():
             hook = getattr(obj, "on_after_step", None)
             if hook is not None:
-                hook(self.backbone)
+                hook(self.backbone, ema_momentum) if ema_momentum is not None else hook(self.backbone)
+
+    def release_targets(self) -> dict[str, nn.Module]:
+        """Take every EMA target encoder out of the module tree (see ``LatentFuture.release_target``):
+        ``{objective name: encoder}``. Used by the trainer so DeepSpeed never casts, partitions or
+        optimizes them; the caller places and checkpoints them."""
+        out = {}
+        for name, obj in self.objectives.items():
+            release = getattr(obj, "release_target", None)
+            enc = release() if release is not None else None
+            if enc is not None:
+                out[name] = enc
+        return out
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters the optimizer should update (excludes the frozen EMA target encoder)."""

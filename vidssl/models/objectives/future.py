@@ -132,15 +132,32 @@ class LatentFuture(nn.Module):
     @torch.no_grad()
     def _target_features(self, views: Views) -> torch.Tensor:
         if self.cfg.target_encoder == "ema":
-            return self.target_encoder.forward_features(views.input("future"))
+            x = views.input("future")
+            dtype = next(self.target_encoder.parameters()).dtype  # fp32 even when the online model is bf16
+            return self.target_encoder.forward_features(x.to(dtype)).to(x.dtype)
         return views.backbone.forward_features(views.input("future")).detach()
 
+    def release_target(self) -> nn.Module | None:
+        """Take the EMA target encoder out of this module's tree and return it (None without one).
+
+        It stays in use (``self.target_encoder``) but is no longer a registered submodule, so a
+        training engine wrapping the model neither casts it to bf16, nor partitions it, nor hands
+        it to the optimizer; whoever released it moves it to the device and checkpoints it.
+        """
+        enc = self._modules.pop("target_encoder", None)
+        if enc is not None:
+            self.__dict__["target_encoder"] = enc
+        return enc
+
     @torch.no_grad()
-    def on_after_step(self, backbone: VideoBackbone) -> None:
-        """EMA update of the target encoder after each optimizer step: ``t ← m·t + (1−m)·online``."""
+    def on_after_step(self, backbone: VideoBackbone, momentum: float | None = None) -> None:
+        """EMA update of the target encoder after each optimizer step: ``t ← m·t + (1−m)·online``.
+
+        ``momentum`` defaults to ``cfg.ema_momentum`` (a training loop passes its schedule's value).
+        """
         if self.cfg.loss != "regression" or self.cfg.target_encoder != "ema":
             return
-        m = self.cfg.ema_momentum
+        m = self.cfg.ema_momentum if momentum is None else momentum
         for pt, po in zip(self.target_encoder.parameters(), backbone.parameters()):
             pt.lerp_(po.detach().to(pt.dtype), 1.0 - m)
         for bt, bo in zip(self.target_encoder.buffers(), backbone.buffers()):

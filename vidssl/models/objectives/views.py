@@ -58,7 +58,10 @@ class Views:
     def input(self, name: str) -> torch.Tensor:
         """Normalised float ``(B, C, T, H, W)`` of window ``name``."""
         if name not in self._input:
-            self._input[name] = clips_to_input(self.clips(name), self.mean, self.std)
+            # The backbone's parameter dtype: float32, or bfloat16 when an engine cast the model.
+            dtype = next(self.backbone.parameters()).dtype
+            self._input[name] = clips_to_input(self.clips(name), self.mean, self.std,
+                                               dtype=dtype if dtype.is_floating_point else torch.float32)
         return self._input[name]
 
     def tokens(self, name: str) -> torch.Tensor:

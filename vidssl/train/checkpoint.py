@@ -1,0 +1,233 @@
+"""Checkpoints of a run: atomic, complete or invisible, with the data position and every RNG.
+
+Layout: ``RUN/checkpoints/step_00001000/`` is one DeepSpeed checkpoint (module, sharded optimizer
+state under ZeRO) plus ``vidssl.json`` (step, world size, the resolved config; readable without
+torch). It is written as ``.partial-step_00001000`` by every rank and renamed by rank 0 only after
+every rank finished and the files were fsynced, so a checkpoint interrupted while being written
+(kill -9, node loss) is never picked up by a resume: :func:`complete_checkpoints` lists only
+renamed folders. The newest ``keep_checkpoints`` are kept.
+
+``client_state["vidssl"]`` holds what DeepSpeed does not save: the step, the loader position
+(the same on every rank), the RNG states of every rank (gathered, each rank restores its own),
+the task's extra state (EMA targets) and the config.
+
+Public API: :class:`Checkpointer` (``save`` / ``load``), :func:`resolve_resume`, :func:`complete_checkpoints`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from vidssl.errors import UserError
+
+log = logging.getLogger("vidssl.train")
+
+__all__ = ["Checkpointer", "complete_checkpoints", "resolve_resume", "check_compatible", "META", "tag_for"]
+
+META = "vidssl.json"
+_TAG = re.compile(r"^step_(\d{8,})$")
+
+# Settings that may change between a checkpoint and its resume without changing the batches or
+# the updates of the steps still to run (everything else in data/train/model/objectives must match).
+_FREE_KEYS = {
+    "run.dir", "run.progress",
+    "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
+    "train.max_bad_steps", "train.timeout_minutes", "train.plot", "train.device", "train.knn_every",
+    "data.prefetch", "data.pin_memory", "data.decode_timeout", "data.read_timeout", "data.retries",
+    "data.max_error_fraction", "data.backend", "data.decode_threads", "data.decode_stage", "data.decode_device",
+    "data.dataset",  # the same index moved elsewhere; the loader checks the sample count itself
+    "deepspeed.config", "deepspeed.overlap_comm",
+}
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    out = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _TAG.match(d.name)
+            if m and d.is_dir() and (d / META).is_file():
+                out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / META).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"resume: {str(ckpt)!r} is not a complete vidssl checkpoint ({exc})") from None
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """The checkpoint folder to resume from, or None to start fresh.
+
+    ``auto``: the newest complete checkpoint of ``run_dir`` (None when it has none). ``none``: None,
+    refused when ``run_dir`` already holds checkpoints (they would be overwritten). A path: a
+    checkpoint folder, or a run / checkpoints folder (its newest complete checkpoint).
+    """
+    root = Path(run_dir) / "checkpoints"
+    mode = resume.strip()
+    if mode.lower() == "auto":
+        found = complete_checkpoints(root)
+        return found[-1][1] if found else None
+    if mode.lower() == "none":
+        found = complete_checkpoints(root)
+        if found:
+            raise UserError(f"train.resume: got 'none' but {str(run_dir)!r} already holds {len(found)} checkpoint(s) "
+                            f"(newest {found[-1][1].name}); use train.resume=auto to continue it, or a new run.dir")
+        return None
+    p = Path(mode)
+    if not p.exists():
+        raise UserError(f"train.resume: {mode!r} does not exist; allowed: auto, none, or a checkpoint folder")
+    if (p / META).is_file():
+        return p
+    for cand in (p, p / "checkpoints"):
+        found = complete_checkpoints(cand)
+        if found:
+            return found[-1][1]
+    raise UserError(f"train.resume: {mode!r} holds no complete vidssl checkpoint (a folder like "
+                    f"RUN/checkpoints/step_00000100 with {META})")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not (prefix and k in ("backbone_kwargs",)):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_compatible(meta: dict[str, Any], config: dict[str, Any], world_size: int, ckpt: Path) -> None:
+    """Refuse a resume that could not reproduce the interrupted run, saying what differs."""
+    if int(meta.get("world_size", world_size)) != world_size:
+        raise UserError(f"resume: {ckpt} was written by {meta['world_size']} ranks and this run has {world_size}; "
+                        f"the data order and ZeRO partitions depend on it: relaunch with {meta['world_size']} ranks "
+                        f"(or start a new run from exported weights)")
+    saved, now = _flat(meta.get("config", {})), _flat(config)
+    diffs = [k for k in sorted(set(saved) | set(now))
+             if k not in _FREE_KEYS and saved.get(k, "<unset>") != now.get(k, "<unset>")
+             and k.split(".")[0] in ("data", "train", "model", "objectives", "deepspeed")]
+    if diffs:
+        shown = "; ".join(f"{k} was {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in diffs[:4])
+        more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
+        raise UserError(f"resume: settings differ from checkpoint {ckpt.name}: {shown}{more}; these change the "
+                        f"data order or the updates, so the resumed run would not continue the interrupted one. "
+                        f"Set them back, or start a new run.dir")
+
+
+# ---- RNG states ------------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """Every generator this process draws from: Python, NumPy, torch CPU and CUDA."""
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Save and load the checkpoints of one run through an :class:`~vidssl.train.engine.Engine`."""
+
+    def __init__(self, run_dir: str | Path, engine, *, keep: int) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.engine = engine
+        self.keep = keep
+
+    def save(self, step: int, *, loader_state: dict[str, Any], extra: dict[str, Any], config: dict[str, Any],
+             train_state: dict[str, Any]) -> Path:
+        """Write checkpoint ``step`` on every rank; returns its folder. Collective: call on all ranks."""
+        eng = self.engine
+        tag = tag_for(step)
+        partial = f".partial-{tag}"
+        if eng.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.root / partial, ignore_errors=True)  # left by a crash mid-write
+        eng.barrier()
+        t = time.perf_counter()
+        client = {"vidssl": {"step": step, "loader": loader_state, "rng": eng.gather_objects(rng_state()),
+                             "extra": extra, "train_state": train_state, "world_size": eng.world_size}}
+        eng.save(str(self.root), partial, client)
+        eng.barrier()
+        final = self.root / tag
+        if eng.rank == 0:
+            tmp = self.root / partial
+            meta = {"step": step, "world_size": eng.world_size, "zero_stage": eng.zero_stage,
+                    "precision": eng.precision, "config": config, "time": time.time()}
+            (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            _fsync_tree(tmp)
+            if final.exists():  # the same step saved again (a resumed run ending where it resumed)
+                old = self.root / f".old-{tag}"
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)
+            _fsync_dir(self.root)
+            for _s, d in complete_checkpoints(self.root)[:-self.keep]:
+                shutil.rmtree(d, ignore_errors=True)
+            log.info("checkpoint %s written in %.1fs", final, time.perf_counter() - t)
+        eng.barrier()
+        return final
+
+    def load(self, ckpt: Path) -> dict[str, Any]:
+        """Load module, optimizer and this rank's RNG from ``ckpt``; returns ``client_state["vidssl"]``."""
+        client = self.engine.load(str(ckpt.parent), ckpt.name)
+        state = client.get("vidssl")
+        if not isinstance(state, dict):
+            raise UserError(f"resume: {str(ckpt)!r} lacks vidssl's training state (not written by vidssl pretrain?)")
+        rngs = state.get("rng") or []
+        if len(rngs) != self.engine.world_size:
+            raise UserError(f"resume: {str(ckpt)!r} holds RNG states of {len(rngs)} ranks; this run has "
+                            f"{self.engine.world_size}")
+        set_rng_state(rngs[self.engine.rank])
+        return state

@@ -1,0 +1,137 @@
+"""Config sections of training: ``run``, ``train`` (loop, optimizer, schedule, checkpoints) and ``deepspeed``.
+
+No torch import here: a bad config fails before anything heavy loads or any worker starts.
+Each component receives its own section (the loop gets ``TrainConfig``, the engine gets
+``TrainConfig`` + ``DeepSpeedConfig``); :class:`PretrainConfig` is the whole tree of
+``vidssl pretrain``.
+
+YAML example::
+
+    run: {dir: runs/digits}
+    train: {max_steps: 2000, lr: 1e-3, warmup_steps: 100, checkpoint_every: 500, resume: auto}
+    deepspeed: {zero_stage: 2, precision: bf16}
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from vidssl.config import Config, ConfigError, dataclass, field, spec
+from vidssl.data.config import DataConfig
+from vidssl.models.config import ContrastConfig, FutureConfig, ModelConfig, ObjectivesConfig
+
+__all__ = ["RunConfig", "TrainConfig", "DeepSpeedConfig", "PretrainConfig"]
+
+
+@dataclass(kw_only=True)
+class RunConfig(Config):
+    """Where a run lives: ``dir`` holds config.yaml, metrics.jsonl, tb/, checkpoints/ and plots."""
+
+    dir: str = field(default="runs/pretrain", metadata=spec(help="run folder (created; reused by a resume)"))
+    progress: Literal["bar", "log", "none"] = field(default="bar", metadata=spec(
+        help="rank 0 progress: a bar (loss, clips/s, ETA), one log line per log_every steps, or nothing"))
+
+    def validate(self) -> None:
+        if not self.dir.strip():
+            raise ConfigError(f"{self._key('dir')}: got {self.dir!r}; expected a folder path such as runs/NAME")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(Config):
+    """The loop, the optimizer (AdamW), the schedules (pure functions of the step) and checkpoints."""
+
+    max_steps: int = field(default=1000, metadata=spec(ge=1, help="optimizer steps of the run"))
+    grad_accum: int = field(default=1, metadata=spec(
+        ge=1, help="micro-batches per optimizer step (global batch = data.batch_size x grad_accum x world size)"))
+    # ---- optimizer and schedules ----
+    lr: float = field(default=1e-3, metadata=spec(gt=0, help="peak learning rate (reached after warmup)"))
+    min_lr: float = field(default=1e-5, metadata=spec(ge=0, help="learning rate at the end of the cosine decay"))
+    warmup_steps: int = field(default=100, metadata=spec(ge=0, help="linear warmup from 0 to lr"))
+    schedule: Literal["cosine", "constant"] = field(default="cosine", metadata=spec(
+        help="after warmup: cosine decay to min_lr at max_steps, or constant lr"))
+    weight_decay: float = field(default=0.05, metadata=spec(
+        ge=0, help="AdamW weight decay (never on norms, biases, positional embeddings, tokens)"))
+    weight_decay_end: float | None = field(default=None, metadata=spec(
+        ge=0, help="cosine-schedule the weight decay to this value at max_steps (none: constant)"))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=spec(ge=0, lt=1, help="AdamW betas"))
+    eps: float = field(default=1e-8, metadata=spec(gt=0, help="AdamW epsilon"))
+    grad_clip: float = field(default=1.0, metadata=spec(ge=0, help="clip the global grad norm (0: off)"))
+    ema_momentum_end: float | None = field(default=None, metadata=spec(
+        ge=0, le=1, help="EMA target: cosine-increase the momentum from objectives.future.ema_momentum to this "
+                         "value at max_steps (none: constant)"))
+    # ---- bookkeeping ----
+    seed: int = field(default=0, metadata=spec(ge=0, help="seed of model init and every training-side RNG"))
+    log_every: int = field(default=10, metadata=spec(ge=1, help="steps between progress lines and TensorBoard flushes"))
+    checkpoint_every: int = field(default=500, metadata=spec(ge=0, help="steps between checkpoints (0: only at the end)"))
+    keep_checkpoints: int = field(default=3, metadata=spec(ge=1, help="complete checkpoints kept (oldest removed)"))
+    resume: str = field(default="auto", metadata=spec(
+        help="auto: continue from the newest complete checkpoint in run.dir if there is one; none: start fresh "
+             "(refused if run.dir already has checkpoints); or a checkpoint folder path"))
+    max_bad_steps: int = field(default=5, metadata=spec(
+        ge=1, help="consecutive non-finite losses (each skipped with a warning) that abort the run"))
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=spec(
+        help="auto: cuda when available, else cpu (gloo)"))
+    timeout_minutes: float = field(default=10.0, metadata=spec(
+        gt=0, help="process-group timeout: a rank stuck in a collective this long fails the job"))
+    plot: bool = field(default=True, metadata=spec(help="write loss and throughput curves (PNG) at the end"))
+
+    def validate(self) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{self._key('min_lr')}: got {self.min_lr} > lr {self.lr}; allowed: <= lr")
+        r = self.resume.strip()
+        if not r:
+            raise ConfigError(f"{self._key('resume')}: got {self.resume!r}; allowed: auto, none or a checkpoint path")
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig(Config):
+    """How the DeepSpeed engine shards and casts. The engine's JSON is generated from this and ``train``."""
+
+    zero_stage: int = field(default=0, metadata=spec(choices=(0, 1, 2, 3), help="ZeRO stage"))
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata=spec(
+        help="fp32 (CPU and GPU), bf16 (GPU; CPU works but is slow), fp16 (GPU only; diverges on video SSL, prefer bf16)"))
+    config: str | None = field(default=None, metadata=spec(
+        help="a DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) merged into the generated one; a key that "
+             "contradicts this config is an error naming both"))
+    overlap_comm: bool = field(default=True, metadata=spec(help="ZeRO-2/3: overlap gradient reduction with backward"))
+    offload_optimizer: Literal["none", "cpu"] = field(default="none", metadata=spec(
+        help="ZeRO-2/3: keep optimizer state in CPU memory"))
+
+
+def _pretrain_data() -> DataConfig:
+    return DataConfig(dataset="shards/demo-digits", mode="ssl", frames=8, stride=1, future=4, gap_min=4,
+                      gap_max=16, batch_size=16, crop_size=56, scale=(0.5, 1.0), flip=False, workers=2)
+
+
+def _pretrain_objectives() -> ObjectivesConfig:
+    return ObjectivesConfig(future=FutureConfig(target="latent", loss="infonce", predictor_dim=64,
+                                                predictor_heads=4, proj_dim=64),
+                            contrast=ContrastConfig(proj_dim=64, proj_hidden=128))
+
+
+@dataclass(kw_only=True)
+class PretrainConfig(Config):
+    """Everything ``vidssl pretrain`` needs; each component gets its own section."""
+
+    run: RunConfig = field(default_factory=RunConfig, metadata=spec(help="run folder and progress display"))
+    data: DataConfig = field(default_factory=_pretrain_data, metadata=spec(help="loader (mode must be ssl)"))
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=spec(help="backbone"))
+    objectives: ObjectivesConfig = field(default_factory=_pretrain_objectives, metadata=spec(
+        help="self-supervised objectives"))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=spec(help="loop, optimizer, checkpoints"))
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig, metadata=spec(help="DeepSpeed engine"))
+
+    def validate(self) -> None:
+        if self.data.mode != "ssl":
+            raise ConfigError(f"{self._key('data')}.mode: got {self.data.mode!r}; pretraining needs 'ssl' "
+                              f"(context, future and other windows)")
+        fut = self.objectives.future
+        uses_ema = fut.enabled and fut.weight > 0 and fut.target == "latent" and fut.loss == "regression" \
+            and fut.target_encoder == "ema"
+        if uses_ema and self.deepspeed.zero_stage == 3:
+            raise ConfigError(f"{self._key('deepspeed')}.zero_stage: got 3 with an EMA target encoder "
+                              f"(objectives.future.target_encoder=ema); ZeRO-3 partitions the online weights the "
+                              f"EMA reads: use zero_stage <= 2, or target_encoder=stopgrad")
+        if self.train.ema_momentum_end is not None and self.train.ema_momentum_end < fut.ema_momentum:
+            raise ConfigError(f"{self._key('train')}.ema_momentum_end: got {self.train.ema_momentum_end} < "
+                              f"objectives.future.ema_momentum {fut.ema_momentum}; allowed: >= the start momentum")

@@ -1,0 +1,171 @@
+"""From a resolved config to a finished run: checks, process group, loader, engine, resume, loop, outputs.
+
+Shared by ``vidssl pretrain`` and ``vidssl finetune``: the caller gives the config (with ``run``,
+``data``, ``train`` and ``deepspeed`` sections) and a ``build_task(loader)`` that returns the task
+module. Order matters for users:
+
+1. :func:`preflight` (no worker process, no process group yet): device, the generated DeepSpeed
+   config (conflicts, fp16 on CPU), the datasets (missing, empty), the resume target. Every
+   problem here is a one-line error and exit 2.
+2. process group (gloo on CPU, NCCL on GPU) with ``train.timeout_minutes``;
+3. seeds, loader, task, engine; resume (module, optimizer, loader position, RNG, EMA);
+4. the loop; checkpoints; metrics; curves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from vidssl.errors import UserError
+
+log = logging.getLogger("vidssl.train")
+
+__all__ = ["Preflight", "preflight", "run_training", "git_sha", "launch_world_size", "seed_everything"]
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def launch_world_size() -> int:
+    """The world size the launcher announced (WORLD_SIZE, else SLURM_NTASKS, else 1), before any process group."""
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key, "").isdigit() and ("RANK" in os.environ or key == "SLURM_NTASKS"):
+            return int(os.environ[key])
+    return 1
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Preflight:
+    device: str
+    world_size: int
+    ds_config: dict[str, Any]
+    resume_from: Path | None
+    samples: int
+    classes: list[str]
+
+
+def preflight(cfg) -> Preflight:
+    """Every check that needs no worker and no process group; raises UserError/ConfigError."""
+    from vidssl.data.index import open_index  # noqa: PLC0415
+    from vidssl.train.checkpoint import check_compatible, read_meta, resolve_resume  # noqa: PLC0415
+    from vidssl.train.engine import build_ds_config, resolve_device  # noqa: PLC0415
+
+    device = resolve_device(cfg.train.device)
+    world = launch_world_size()
+    ds_config = build_ds_config(cfg.train, cfg.deepspeed, micro_batch=cfg.data.batch_size, world_size=world,
+                                device=device)
+    samples, classes = 0, []
+    for i, d in enumerate(cfg.data.dataset):
+        ix = open_index(d, cfg.data.read_timeout)
+        if ix.samples == 0:
+            raise UserError(f"data.dataset: {d!r} holds no samples (index.json lists no sample; see its "
+                            f"errors.jsonl for rejected inputs)")
+        samples += ix.samples
+        if i == 0:
+            classes = list(ix.classes)
+    resume_from = resolve_resume(cfg.train.resume, cfg.run.dir)
+    if resume_from is not None:
+        check_compatible(read_meta(resume_from), cfg.to_dict(), world, resume_from)
+    return Preflight(device, world, ds_config, resume_from, samples, classes)
+
+
+def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | None = None,
+                 pre: Preflight | None = None, name: str = "train",
+                 on_step_factory: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary (final step, last row, run dir) on every rank."""
+    import torch  # noqa: PLC0415
+
+    from vidssl.data import build_loader  # noqa: PLC0415
+    from vidssl.train.checkpoint import Checkpointer  # noqa: PLC0415
+    from vidssl.train.engine import init_distributed, init_engine, resolve_env  # noqa: PLC0415
+    from vidssl.train.loop import TrainState, train_loop  # noqa: PLC0415
+    from vidssl.train.metrics import open_metrics, read_metrics  # noqa: PLC0415
+
+    pre = pre or preflight(cfg)
+    env = resolve_env(local_rank)
+    if env.world_size != pre.world_size:
+        # preflight saw no launcher variables but resolve_env found some (or the reverse): redo the derived config
+        from vidssl.train.engine import build_ds_config  # noqa: PLC0415
+
+        pre.ds_config = build_ds_config(cfg.train, cfg.deepspeed, micro_batch=cfg.data.batch_size,
+                                        world_size=env.world_size, device=pre.device)
+    init_distributed(env, pre.device, cfg.train.timeout_minutes)
+    run_dir = Path(cfg.run.dir)
+    engine = None
+    loader = None
+    try:
+        if env.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(
+                f"# resolved config of vidssl {name}; git {git_sha() or 'unknown'}; world size {env.world_size}\n"
+                + cfg.to_yaml(), encoding="utf-8")
+        # Same seed on every rank for the weights (DeepSpeed also broadcasts rank 0's); per-rank after.
+        seed_everything(cfg.train.seed)
+        loader = build_loader(cfg.data, rank=env.rank, world_size=env.world_size)
+        task = build_task(loader)
+        if pre.device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _local_world())))
+        engine = init_engine(task, task.param_groups(), pre.ds_config, env, pre.device)
+        task.place(engine.device)
+        seed_everything(cfg.train.seed * 1000 + env.rank + 1)
+        state = TrainState()
+        ckpt = Checkpointer(run_dir, engine, keep=cfg.train.keep_checkpoints)
+        if pre.resume_from is not None:
+            saved = ckpt.load(pre.resume_from)
+            loader.load_state_dict(saved["loader"])
+            task.load_extra_state(saved.get("extra", {}))
+            state = TrainState(**saved["train_state"])
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", pre.resume_from, state.step,
+                     saved["loader"]["epoch"], saved["loader"]["batches"])
+            if state.step >= cfg.train.max_steps:
+                log.warning("checkpoint step %d >= train.max_steps %d: nothing to train", state.step,
+                            cfg.train.max_steps)
+        metrics = open_metrics(env.rank, run_dir, start_step=state.step, max_steps=cfg.train.max_steps,
+                               progress=cfg.run.progress, log_every=cfg.train.log_every, name=name)
+        config_dict = cfg.to_dict()
+
+        def checkpoint(st: TrainState) -> None:
+            ckpt.save(st.step, loader_state=loader.state_dict(), extra=task.extra_state(), config=config_dict,
+                      train_state=st.to_dict())
+
+        on_step = on_step_factory(engine=engine, metrics=metrics, task=task) if on_step_factory else None
+        try:
+            state = train_loop(engine=engine, loader=loader, cfg=cfg.train, state=state, metrics=metrics,
+                               micro_batch=cfg.data.batch_size, checkpoint=checkpoint, on_step=on_step)
+        finally:
+            metrics.close(plot=cfg.train.plot)
+        rows = read_metrics(run_dir / "metrics.jsonl") if env.rank == 0 else []
+        return {"run": str(run_dir), "step": state.step, "skipped": state.skipped,
+                "last": next((r for r in reversed(rows) if "loss" in r), None), "rank": env.rank,
+                "world_size": env.world_size, "engine": engine}
+    finally:
+        if loader is not None:
+            loader.close()
+
+
+def _local_world() -> int:
+    try:
+        return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    except ValueError:
+        return 1
