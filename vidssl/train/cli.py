@@ -20,7 +20,6 @@ import json
 import logging
 from pathlib import Path
 
-from vidssl.config import parse_config_args
 from vidssl.errors import UserError
 
 log = logging.getLogger("vidssl.train")
@@ -60,8 +59,9 @@ def _local_rank(args: argparse.Namespace) -> int | None:
 
 def _pretrain_cmd(args: argparse.Namespace) -> int:
     from vidssl.train.config import PretrainConfig  # noqa: PLC0415
+    from vidssl.train.runner import parse_run_config  # noqa: PLC0415
 
-    cfg = parse_config_args(PretrainConfig, args.config)
+    cfg = parse_run_config(PretrainConfig, args.config)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0

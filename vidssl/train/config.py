@@ -30,6 +30,9 @@ class RunConfig(Config):
     dir: str = field(default="runs/pretrain", metadata=spec(help="run folder (created; reused by a resume)"))
     progress: Literal["bar", "log", "none"] = field(default="bar", metadata=spec(
         help="rank 0 progress: a bar (loss, clips/s, ETA), one log line per log_every steps, or nothing"))
+    imports: list[str] = field(default_factory=list, metadata=spec(
+        help="Python modules imported on every rank before the model is built, e.g. one that registers a "
+             "custom backbone with vidssl.models.register_backbone"))
 
     def validate(self) -> None:
         if not self.dir.strip():

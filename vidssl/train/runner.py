@@ -26,7 +26,7 @@ from vidssl.errors import UserError
 
 log = logging.getLogger("vidssl.train")
 
-__all__ = ["Preflight", "preflight", "run_training", "git_sha", "launch_world_size", "seed_everything"]
+__all__ = ["Preflight", "preflight", "parse_run_config", "import_plugins", "run_training", "git_sha", "launch_world_size", "seed_everything"]
 
 
 def git_sha() -> str | None:
@@ -63,6 +63,33 @@ class Preflight:
     resume_from: Path | None
     samples: int
     classes: list[str]
+
+
+def import_plugins(modules) -> None:
+    """Import ``run.imports`` (modules that register backbones); errors name the module."""
+    import importlib  # noqa: PLC0415
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise UserError(f"run.imports: cannot import {name!r} ({exc}); is it on PYTHONPATH?") from None
+
+
+def parse_run_config(cls, items):
+    """``parse_config_args`` for run configs: ``run.imports`` are imported first, so that backbones they
+    register are known when ``model.backbone`` is validated."""
+    from vidssl.config import apply_overrides, load_yaml, parse_config_args  # noqa: PLC0415
+
+    path = next((i for i in items if "=" not in i and i.endswith((".yaml", ".yml"))), None)
+    data = apply_overrides(load_yaml(path) if path else {}, [i for i in items if "=" in i])
+    run = data.get("run") if isinstance(data.get("run"), dict) else {}
+    imports = run.get("imports") or []
+    if isinstance(imports, str):
+        imports = [m.strip() for m in imports.strip("[]").split(",") if m.strip()]
+    if isinstance(imports, list):
+        import_plugins([str(m) for m in imports])
+    return parse_config_args(cls, items)
 
 
 def preflight(cfg) -> Preflight:
