@@ -14,13 +14,14 @@ BENCHES: list[str] = [
     "vidssl.bench.shard",
     "vidssl.bench.loader",
     "vidssl.bench.models",
+    "vidssl.bench.train",
 ]
 
 
 def register(sub) -> None:
     from vidssl.cli import Parser, add_command
 
-    p = add_command(sub, "bench", help="run a benchmark (footage, shard, loader, models)")
+    p = add_command(sub, "bench", help="run a benchmark (footage, shard, loader, models, train)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", parser_class=Parser)
     bsub.required = True
     for module in BENCHES:

@@ -245,7 +245,11 @@ def _init_process_group(env: DistEnv, device: str, timeout_minutes: float) -> No
         os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed picks an accelerator
     import deepspeed  # noqa: PLC0415
     import torch  # noqa: PLC0415
+    from deepspeed.utils import logger as ds_logger  # noqa: PLC0415
 
+    # DeepSpeed logs every config key at INFO; keep it for -v (DEBUG) only.
+    if not log.isEnabledFor(logging.DEBUG):
+        ds_logger.setLevel(logging.WARNING)
     if device == "cuda":
         torch.cuda.set_device(env.local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False,
@@ -374,16 +378,6 @@ class Engine:
             raise RuntimeFailure(f"resume: DeepSpeed could not load checkpoint {os.path.join(load_dir, tag)!r}")
         return client or {}
 
-    def close(self) -> None:
-        """Tear down the process group (best effort)."""
-        import torch.distributed as dist  # noqa: PLC0415
-
-        try:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
-
 
 def init_distributed(env: DistEnv, device: str, timeout_minutes: float) -> None:
     """Start the process group (gloo on CPU, NCCL on GPU) with the configured timeout."""
@@ -394,8 +388,8 @@ def init_engine(task, param_groups: list[dict[str, Any]], ds_config: dict[str, A
                 device: str) -> Engine:
     """Wrap ``task`` (an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss", ...}``) in a DeepSpeed engine.
 
-    Call :func:`init_distributed` first. Under ZeRO-3 the task must be built inside
-    :func:`zero3_init` for large models; small ones are partitioned by ``initialize`` itself.
+    Call :func:`init_distributed` first. Under ZeRO-3, ``initialize`` partitions the built task's
+    parameters across ranks (each rank first holds a full copy while it is built).
     """
     import deepspeed  # noqa: PLC0415
 

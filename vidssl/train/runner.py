@@ -130,6 +130,7 @@ def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | Non
     from vidssl.train.metrics import open_metrics, read_metrics  # noqa: PLC0415
 
     pre = pre or preflight(cfg)
+    before = {k: os.environ.get(k) for k in _DIST_VARS}
     env = resolve_env(local_rank)
     if env.world_size != pre.world_size:
         # preflight saw no launcher variables but resolve_env found some (or the reverse): redo the derived config
@@ -137,7 +138,11 @@ def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | Non
 
         pre.ds_config = build_ds_config(cfg.train, cfg.deepspeed, micro_batch=cfg.data.batch_size,
                                         world_size=env.world_size, device=pre.device)
-    init_distributed(env, pre.device, cfg.train.timeout_minutes)
+    if not torch.distributed.is_initialized():
+        init_distributed(env, pre.device, cfg.train.timeout_minutes)
+    elif torch.distributed.get_world_size() != env.world_size:
+        raise UserError(f"a process group of {torch.distributed.get_world_size()} ranks already exists in this "
+                        f"process; cannot train with {env.world_size}")
     run_dir = Path(cfg.run.dir)
     engine = None
     loader = None
@@ -189,6 +194,17 @@ def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | Non
     finally:
         if loader is not None:
             loader.close()
+        # The process group stays up until the process exits: DeepSpeed caches its groups in module
+        # globals, so a second training in the same process (tests, notebooks) must reuse it.
+        if env.launcher == "none":  # leave the caller's environment as it was (tests run several trainings)
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _local_world() -> int:

@@ -24,14 +24,10 @@ from vidssl.train.schedule import ema_momentum_at
 
 __all__ = ["PretrainTask", "decay_groups", "no_decay"]
 
-# Parameter names (any dotted component) that never get weight decay besides 1-d tensors.
-_NO_DECAY_NAMES = ("pos_embed", "token", "query", "query_space", "cls")
-
-
 def no_decay(name: str, param: torch.Tensor) -> bool:
-    """True for norms, biases (1-d), positional embeddings and learned tokens/queries."""
+    """True for norms, biases (1-d), positional embeddings (``pos``, ``pos_*``) and learned tokens/queries."""
     leaf = name.rsplit(".", 1)[-1]
-    return param.ndim <= 1 or any(k in leaf for k in _NO_DECAY_NAMES)
+    return (param.ndim <= 1 or leaf == "pos" or leaf.startswith(("pos_", "query")) or "token" in leaf)
 
 
 def decay_groups(named: Iterable[tuple[str, nn.Parameter]], lr_scale: float = 1.0) -> list[dict[str, Any]]:
