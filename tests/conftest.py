@@ -38,3 +38,14 @@ def digits_dir(tmp_path_factory) -> Path:
     from vidssl.footage.digits import DigitsConfig, generate_digits
 
     return generate_digits(DigitsConfig(**DIGITS_FIXTURE), tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def ssl_shards(digits_dir, tmp_path_factory) -> Path:
+    """The 27 Moving Digits videos of ``digits_dir`` as shards (two shards; labels from labels.csv)."""
+    from vidssl.shard import ShardConfig, run_shard
+
+    out = tmp_path_factory.mktemp("train") / "digits"
+    run_shard(ShardConfig(sources=[str(digits_dir / "labels.csv")], output=str(out), gop=8, shard_samples=14,
+                          progress="none", workers=1))
+    return out

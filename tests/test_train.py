@@ -28,17 +28,6 @@ TINY = ["model.backbone_kwargs={width: 8}", "data.frames=4", "data.future=2", "d
         "train.device=cpu", "run.progress=none", "train.plot=false"]
 
 
-@pytest.fixture(scope="session")
-def ssl_shards(digits_dir, tmp_path_factory) -> Path:
-    """The 27 Moving Digits videos of ``digits_dir`` as shards (two shards, labels from labels.csv)."""
-    from vidssl.shard import ShardConfig, run_shard
-
-    out = tmp_path_factory.mktemp("train") / "digits"
-    run_shard(ShardConfig(sources=[str(digits_dir / "labels.csv")], output=str(out), gop=8, shard_samples=14,
-                          progress="none", workers=1))
-    return out
-
-
 def tiny(ssl_shards: Path, run_dir: Path, *extra: str) -> list[str]:
     return [*TINY, f"data.dataset={ssl_shards}", f"run.dir={run_dir}", *extra]
 

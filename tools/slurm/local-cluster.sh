@@ -1,0 +1,254 @@
+#!/usr/bin/env bash
+# A single-node SLURM cluster on this machine, for running tools/slurm/*.sbatch for real
+# (tests/test_slurm.py, CI). Debian/Ubuntu, run as root; no systemd needed (daemons are started
+# directly), so it works in a fresh container.
+#
+#   tools/slurm/local-cluster.sh start    # install slurm-wlm + munge if missing, configure, start, wait for idle
+#   tools/slurm/local-cluster.sh status   # sinfo + squeue
+#   tools/slurm/local-cluster.sh stop     # stop slurmd, slurmctld, munged
+#
+# `start` is idempotent: when everything is already up it returns at once. It writes
+# /etc/slurm/slurm.conf and /etc/slurm/cgroup.conf for one node (this host, `hostname -s`,
+# address 127.0.0.1) with CPUs=$(nproc), RealMemory = 90% of MemTotal and no GPUs, and a partition
+# `debug` (default, no time limit). It refuses to overwrite a slurm.conf it did not write
+# (set LOCAL_SLURM_FORCE=1 to do it anyway). State and logs: /var/spool/slurm{ctld,d},
+# /var/log/slurm/. A fresh machine needs about 15 s (apt-get update + install ~10 s of it).
+#
+# Then, e.g.:
+#   sbatch --wait --export=ALL --chdir="$PWD" --cpus-per-task=1 --mem=0 --array=0-1 \
+#       --output=logs/shard-%A_%a.out tools/slurm/shard.sbatch footage/ shards/x
+#
+# Environment: LOCAL_SLURM_WAIT (seconds to wait for the node to be idle, default 60),
+# LOCAL_SLURM_FORCE=1 (overwrite a foreign slurm.conf).
+set -euo pipefail
+
+CONF_DIR=/etc/slurm
+CONF=$CONF_DIR/slurm.conf
+MARKER="# written by vidssl tools/slurm/local-cluster.sh"
+CTLD_PID=/run/slurmctld.pid
+SLURMD_PID=/run/slurmd.pid
+LOG_DIR=/var/log/slurm
+WAIT_S=${LOCAL_SLURM_WAIT:-60}
+NODE=$(hostname -s 2>/dev/null || true)
+NODE=${NODE:-localhost}
+
+say() { echo "local-cluster: $*"; }
+die() { echo "local-cluster: ERROR: $*" >&2; exit 1; }
+
+pid_alive() {  # pid_alive PIDFILE: the daemon recorded there is running
+    local pid
+    [[ -s $1 ]] || return 1
+    pid=$(<"$1")
+    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+}
+
+munge_ok() { command -v munge >/dev/null && munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+
+node_state() { sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n1; }
+
+install_packages() {
+    local missing=()
+    command -v munged >/dev/null || missing+=(munge)
+    for exe in slurmctld slurmd sbatch; do
+        command -v "$exe" >/dev/null || { missing+=(slurm-wlm); break; }
+    done
+    ((${#missing[@]})) || return 0
+    command -v apt-get >/dev/null || die "${missing[*]} missing and no apt-get: install SLURM and munge yourself"
+    [[ $(id -u) == 0 ]] || die "installing ${missing[*]} needs root"
+    say "installing ${missing[*]} with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    # Keep package scripts from trying to start services (no init system in a container): we
+    # start the daemons ourselves. Only if the image does not already have such a policy.
+    local policy=""
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+    fi
+    local rc=0
+    { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; } || rc=$?
+    [[ -z $policy ]] || rm -f "$policy"
+    ((rc == 0)) || die "apt-get install ${missing[*]} failed (exit $rc)"
+    for exe in munged slurmctld slurmd sbatch sinfo; do
+        command -v "$exe" >/dev/null || die "$exe still missing after installing ${missing[*]}"
+    done
+}
+
+start_munge() {
+    if munge_ok; then say "munged already running"; return 0; fi
+    id munge >/dev/null 2>&1 || die "no 'munge' user (is the munge package installed?)"
+    mkdir -p /etc/munge /var/lib/munge /var/log/munge /run/munge
+    chown munge:munge /etc/munge /var/lib/munge /var/log/munge /run/munge
+    chmod 0700 /etc/munge /var/lib/munge /var/log/munge
+    chmod 0755 /run/munge
+    if [[ ! -s /etc/munge/munge.key ]]; then
+        say "creating /etc/munge/munge.key"
+        if command -v mungekey >/dev/null; then
+            mungekey --create --keyfile=/etc/munge/munge.key --force
+        else
+            dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
+        fi
+    fi
+    chown munge:munge /etc/munge/munge.key
+    chmod 0400 /etc/munge/munge.key
+    # A stale socket/pid from a killed munged makes the new one refuse to start.
+    rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock /run/munge/munged.pid
+    say "starting munged (as user munge)"
+    if command -v runuser >/dev/null; then
+        runuser -u munge -- munged
+    else
+        su -s /bin/sh munge -c munged
+    fi
+    for _ in $(seq 20); do munge_ok && return 0; sleep 0.5; done
+    die "munged does not answer (see /var/log/munge/munged.log)"
+}
+
+write_config() {
+    local cpus mem_mb conf_text cgroup_text
+    cpus=$(nproc)
+    mem_mb=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
+    ((mem_mb > 0)) || mem_mb=1024
+    conf_text="$MARKER
+# One node ($NODE, 127.0.0.1), no GPUs, partition 'debug'. Regenerated by '$0 start'.
+ClusterName=vidssl-local
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CryptoType=crypto/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MailProg=/bin/true
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=$CTLD_PID
+SlurmdPidFile=$SLURMD_PID
+SlurmctldLogFile=$LOG_DIR/slurmctld.log
+SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+InactiveLimit=0
+KillWait=10
+MinJobAge=300
+SlurmctldTimeout=120
+SlurmdTimeout=300
+Waittime=0
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP"
+    # Read only by cgroup plugins, which this setup does not load; present so no daemon warns.
+    cgroup_text="$MARKER
+CgroupPlugin=autodetect
+ConstrainCores=no
+ConstrainRAMSpace=no
+ConstrainDevices=no"
+    if [[ -e $CONF ]] && ! grep -qxF "$MARKER" "$CONF"; then
+        [[ ${LOCAL_SLURM_FORCE:-0} == 1 ]] || die "$CONF exists and was not written by this script; " \
+            "set LOCAL_SLURM_FORCE=1 to replace it"
+        cp -p "$CONF" "$CONF.bak.$(date +%s)"
+    fi
+    mkdir -p "$CONF_DIR" /var/spool/slurmctld /var/spool/slurmd "$LOG_DIR"
+    CONFIG_CHANGED=0
+    if [[ ! -e $CONF ]] || [[ $(<"$CONF") != "$conf_text" ]]; then
+        printf '%s\n' "$conf_text" >"$CONF"
+        CONFIG_CHANGED=1
+        say "wrote $CONF (node $NODE: CPUs=$cpus RealMemory=${mem_mb}M)"
+    fi
+    if [[ ! -e $CONF_DIR/cgroup.conf ]] || grep -qxF "$MARKER" "$CONF_DIR/cgroup.conf"; then
+        printf '%s\n' "$cgroup_text" >"$CONF_DIR/cgroup.conf"
+    fi
+    chmod 644 "$CONF" "$CONF_DIR/cgroup.conf"
+}
+
+stop_pidfile() {  # stop_pidfile NAME PIDFILE
+    local pid
+    if ! pid_alive "$2"; then rm -f "$2"; return 0; fi
+    pid=$(<"$2")
+    say "stopping $1 (pid $pid)"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || { rm -f "$2"; return 0; }; sleep 0.5; done
+    say "$1 (pid $pid) did not stop in 15 s: killing it"
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$2"
+}
+
+cmd_start() {
+    install_packages
+    write_config
+    start_munge
+    if ((CONFIG_CHANGED)); then
+        stop_pidfile slurmd "$SLURMD_PID"
+        stop_pidfile slurmctld "$CTLD_PID"
+    fi
+    if pid_alive "$CTLD_PID"; then
+        say "slurmctld already running"
+    else
+        say "starting slurmctld"
+        slurmctld || die "slurmctld failed to start (see $LOG_DIR/slurmctld.log)"
+    fi
+    # slurmd registers with slurmctld: wait until the controller answers.
+    for _ in $(seq 40); do scontrol ping 2>/dev/null | grep -q 'is UP' && break; sleep 0.5; done
+    scontrol ping 2>/dev/null | grep -q 'is UP' ||
+        die "slurmctld does not answer (see $LOG_DIR/slurmctld.log: $(tail -n 3 "$LOG_DIR/slurmctld.log" 2>/dev/null))"
+    if pid_alive "$SLURMD_PID"; then
+        say "slurmd already running"
+    else
+        say "starting slurmd"
+        slurmd -N "$NODE" || die "slurmd failed to start (see $LOG_DIR/slurmd.log)"
+    fi
+    local state="" resumed=0 deadline=$((SECONDS + WAIT_S))
+    while ((SECONDS < deadline)); do
+        state=$(node_state)
+        case $state in
+            idle | mixed | allocated | completing) say "node $NODE is $state: cluster ready"; sinfo; return 0 ;;
+            down* | drain* | drained*)
+                # e.g. left DOWN by an earlier unclean stop; slurmd is running again now.
+                if ((!resumed)); then
+                    say "node $NODE is $state: resuming it"
+                    scontrol update NodeName="$NODE" State=RESUME 2>/dev/null || true
+                    resumed=1
+                fi ;;
+        esac
+        sleep 1
+    done
+    sinfo -N -l 2>&1 || true
+    scontrol show node "$NODE" 2>&1 | grep -iE 'State|Reason' || true
+    die "node $NODE not idle after ${WAIT_S}s (state: ${state:-none}); logs in $LOG_DIR/"
+}
+
+cmd_stop() {
+    stop_pidfile slurmd "$SLURMD_PID"
+    stop_pidfile slurmctld "$CTLD_PID"
+    if [[ -s /run/munge/munged.pid ]]; then
+        stop_pidfile munged /run/munge/munged.pid
+    elif munge_ok; then
+        say "munged answers but has no pid file in /run/munge: not stopping it"
+    fi
+    say "stopped"
+}
+
+cmd_status() {
+    local rc=0
+    pid_alive "$CTLD_PID" && say "slurmctld running (pid $(<"$CTLD_PID"))" || { say "slurmctld not running"; rc=1; }
+    pid_alive "$SLURMD_PID" && say "slurmd running (pid $(<"$SLURMD_PID"))" || { say "slurmd not running"; rc=1; }
+    munge_ok && say "munged answers" || { say "munged not answering"; rc=1; }
+    if command -v sinfo >/dev/null; then
+        sinfo || rc=1
+        squeue || rc=1
+    fi
+    return $rc
+}
+
+case ${1:-} in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
