@@ -405,3 +405,17 @@ def test_kill_9_while_a_checkpoint_is_written_never_resumes_from_it(tmp_path, ss
     # The partial folder was cleared when step 4 was written again, completely this time.
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004",
                                                                        "step_00000006"]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_runs_and_export_gives_the_fp32_master_weights(tmp_path, ssl_shards, stage):
+    from vidssl.train.cli import export_run
+
+    run = tmp_path / "run"
+    assert pretrain(tiny(ssl_shards, run, "train.max_steps=2", "deepspeed.precision=bf16",
+                         f"deepspeed.zero_stage={stage}")) == 0
+    sd = torch.load(export_run(str(run))["file"], weights_only=True)
+    w = sd["stages.0.0.weight"]
+    assert w.dtype == torch.float32
+    # fp32 masters, not the bf16 module weights cast up: they do not all survive rounding to bf16.
+    assert not torch.equal(w, w.bfloat16().float())

@@ -183,7 +183,7 @@ class Checkpointer:
         self.keep = keep
 
     def save(self, step: int, *, loader_state: dict[str, Any], extra: dict[str, Any], config: dict[str, Any],
-             train_state: dict[str, Any]) -> Path:
+             train_state: dict[str, Any], param_group_names: list[list[str]] | None = None) -> Path:
         """Write checkpoint ``step`` on every rank; returns its folder. Collective: call on all ranks."""
         eng = self.engine
         tag = tag_for(step)
@@ -194,7 +194,8 @@ class Checkpointer:
         eng.barrier()
         t = time.perf_counter()
         client = {"vidssl": {"step": step, "loader": loader_state, "rng": eng.gather_objects(rng_state()),
-                             "extra": extra, "train_state": train_state, "world_size": eng.world_size}}
+                             "extra": extra, "train_state": train_state, "world_size": eng.world_size,
+                             "param_group_names": param_group_names}}
         eng.save(str(self.root), partial, client)
         eng.barrier()
         final = self.root / tag

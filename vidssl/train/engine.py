@@ -156,6 +156,10 @@ def build_ds_config(train, ds, *, micro_batch: int, world_size: int, device: str
     }
     if ds.precision == "fp16":
         cfg["fp16"].update({"loss_scale": 0, "initial_scale_power": 16})
+    if ds.precision != "fp32":
+        # DeepSpeed >= 0.19 casts parameters only; BatchNorm then meets bf16 weights and inputs with fp32
+        # running statistics and fails. Cast buffers too (what module.bfloat16() used to do).
+        cfg["data_types"] = {"buffer_dtype": "bf16" if ds.precision == "bf16" else "fp16"}
     if ds.zero_stage >= 2:
         cfg["zero_optimization"]["overlap_comm"] = ds.overlap_comm
     if ds.offload_optimizer != "none":
@@ -415,7 +419,16 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"export: {str(d)!r} holds no DeepSpeed model states (*model_states.pt)")
     state = torch.load(module_files[0], map_location="cpu", weights_only=False)
     module = {k: v for k, v in state["module"].items()}
-    if list(d.glob("*optim_states.pt")):
+    optim = state.get("optimizer") if isinstance(state.get("optimizer"), dict) else {}
+    names = (state.get("vidssl") or {}).get("param_group_names")
+    if optim.get("fp32_groups") and names:
+        # bf16/fp16 without ZeRO: the fp32 masters sit in the module file, one list per parameter group,
+        # in the order of the groups the task gave (recorded by the trainer as param_group_names).
+        for group_names, masters in zip(names, optim["fp32_groups"]):
+            for name, master in zip(group_names, masters):
+                if name in module and tuple(module[name].shape) == tuple(master.shape):
+                    module[name] = master
+    elif list(d.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
         fp32 = get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name)

@@ -158,7 +158,10 @@ def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | Non
         task = build_task(loader)
         if pre.device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _local_world())))
-        engine = init_engine(task, task.param_groups(), pre.ds_config, env, pre.device)
+        groups = task.param_groups()
+        name_of = {id(p): n for n, p in task.named_parameters()}
+        group_names = [[name_of[id(p)] for p in g["params"]] for g in groups]  # lets export find fp32 masters
+        engine = init_engine(task, groups, pre.ds_config, env, pre.device)
         task.place(engine.device)
         seed_everything(cfg.train.seed * 1000 + env.rank + 1)
         state = TrainState()
@@ -179,7 +182,7 @@ def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | Non
 
         def checkpoint(st: TrainState) -> None:
             ckpt.save(st.step, loader_state=loader.state_dict(), extra=task.extra_state(), config=config_dict,
-                      train_state=st.to_dict())
+                      train_state=st.to_dict(), param_group_names=group_names)
 
         on_step = on_step_factory(engine=engine, metrics=metrics, task=task) if on_step_factory else None
         try:
