@@ -368,11 +368,11 @@ def run(args: argparse.Namespace) -> int:
     items = _items(args.config)
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="vidssl-bench-train-"))
     root.mkdir(parents=True, exist_ok=True)
-    cfg = parse_run_config(PretrainConfig, [*items, f"run.dir={root / 'preflight'}", "train.resume=none"])
-    preflight(cfg)  # a missing dataset or a bad config fails here, in one line, before anything runs
-    result = {"config": items, "machine": _versions(), "load_avg_1m_start": round(os.getloadavg()[0], 2),
-              "batch_size": cfg.data.batch_size, "backbone": cfg.model.backbone, "workers": cfg.data.workers}
     try:
+        cfg = parse_run_config(PretrainConfig, [*items, f"run.dir={root / 'preflight'}", "train.resume=none"])
+        preflight(cfg)  # a missing dataset or a bad config fails here, in one line, before anything runs
+        result = {"config": items, "machine": _versions(), "load_avg_1m_start": round(os.getloadavg()[0], 2),
+                  "batch_size": cfg.data.batch_size, "backbone": cfg.model.backbone, "workers": cfg.data.workers}
         if not args.skip_pretrain:
             result["pretrain"] = {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                                   **_part_pretrain(items, args, root)}

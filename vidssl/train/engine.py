@@ -292,18 +292,22 @@ class Engine:
         """Backward of one micro-batch; the engine divides by the accumulation steps itself."""
         self.ds.backward(loss)
 
-    def step(self) -> float | None:
+    def step(self) -> tuple[bool, float | None]:
         """Engine step on every micro-batch (DeepSpeed applies the optimizer at accumulation
-        boundaries). Returns the global grad norm when an update was applied, else None."""
+        boundaries). Returns ``(boundary, grad_norm)``; at a boundary whose update DeepSpeed skipped
+        (non-finite gradients under bf16/fp16) the norm is ``nan``."""
         boundary = self.ds.is_gradient_accumulation_boundary()
         norm = self._grad_norm() if boundary and self._norm_is_ours() else None
+        skipped_before = self.ds.skipped_steps
         self.ds.step()
         if not boundary:
-            return None
+            return False, None
+        if self.ds.skipped_steps > skipped_before:
+            return True, float("nan")
         ds_norm = self.ds.get_global_grad_norm()
         if ds_norm is not None:
             norm = float(ds_norm)
-        return norm
+        return True, norm
 
     def _norm_is_ours(self) -> bool:
         # ZeRO and the bf16/fp16 optimizers report the norm they clip with; plain fp32 ZeRO-0 does not.
@@ -433,4 +437,4 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, Any]:
 
         fp32 = get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name)
         module.update({k: v for k, v in fp32.items()})
-    return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in module.items()}
+    return {k: (v.detach().float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in module.items()}

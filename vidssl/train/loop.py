@@ -91,7 +91,7 @@ def train_loop(*, engine, loader, cfg, state: TrainState, metrics,
         wait = 0.0
         sums: dict[str, float] = {}
         micro = 0
-        norm = None
+        norm: float | None = None
         while micro < cfg.grad_accum:
             t0 = time.perf_counter()
             batch = next(batches)
@@ -110,11 +110,21 @@ def train_loop(*, engine, loader, cfg, state: TrainState, metrics,
                                          f"(train.max_bad_steps={cfg.max_bad_steps}); lower train.lr, check the "
                                          f"data, or use fp32/bf16 instead of fp16")
                 continue
-            state.bad_in_row = 0
             engine.backward(loss)
-            step_norm = engine.step()
-            norm = step_norm if step_norm is not None else norm
+            boundary, norm = engine.step()
             micro += 1
+            if boundary and norm is not None and math.isnan(norm):
+                # DeepSpeed found non-finite gradients (bf16/fp16) and skipped the update itself.
+                state.skipped += 1
+                state.bad_in_row += 1
+                log.warning("step %d: non-finite gradients; DeepSpeed skipped the update (%d in a row, limit %d)",
+                            state.step + 1, state.bad_in_row, cfg.max_bad_steps)
+                if state.bad_in_row >= cfg.max_bad_steps:
+                    raise RuntimeFailure(f"{state.bad_in_row} non-finite gradients/losses in a row at step "
+                                         f"{state.step + 1} (train.max_bad_steps={cfg.max_bad_steps}); lower "
+                                         f"train.lr or use fp32 (bf16 Conv3d gradients on CPU are unreliable)")
+            else:
+                state.bad_in_row = 0
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
         module.after_step(state.step)
