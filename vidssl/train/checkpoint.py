@@ -122,7 +122,7 @@ def check_compatible(meta: dict[str, Any], config: dict[str, Any], world_size: i
     saved, now = _flat(meta.get("config", {})), _flat(config)
     diffs = [k for k in sorted(set(saved) | set(now))
              if k not in _FREE_KEYS and saved.get(k, "<unset>") != now.get(k, "<unset>")
-             and k.split(".")[0] in ("data", "train", "model", "objectives", "deepspeed")]
+             and k.split(".")[0] in ("data", "train", "model", "objectives", "deepspeed", "finetune")]
     if diffs:
         shown = "; ".join(f"{k} was {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in diffs[:4])
         more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""

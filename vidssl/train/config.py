@@ -20,7 +20,8 @@ from vidssl.config import Config, ConfigError, dataclass, field, spec
 from vidssl.data.config import DataConfig
 from vidssl.models.config import ContrastConfig, FutureConfig, ModelConfig, ObjectivesConfig
 
-__all__ = ["RunConfig", "TrainConfig", "DeepSpeedConfig", "PretrainConfig"]
+__all__ = ["RunConfig", "TrainConfig", "DeepSpeedConfig", "PretrainConfig", "FinetuneSection", "EvalSection",
+           "FinetuneConfig"]
 
 
 @dataclass(kw_only=True)
@@ -138,3 +139,78 @@ class PretrainConfig(Config):
         if self.train.ema_momentum_end is not None and self.train.ema_momentum_end < fut.ema_momentum:
             raise ConfigError(f"{self._key('train')}.ema_momentum_end: got {self.train.ema_momentum_end} < "
                               f"objectives.future.ema_momentum {fut.ema_momentum}; allowed: >= the start momentum")
+
+
+# ---- fine-tuning (vidssl finetune / evaluate) ---------------------------------------------------
+
+@dataclass(kw_only=True)
+class FinetuneSection(Config):
+    """What is trained and from which weights."""
+
+    mode: Literal["linear", "attentive", "full"] = field(default="linear", metadata=spec(
+        help="linear: frozen backbone + linear head; attentive: frozen backbone + cross-attention probe; "
+             "full: all weights, layer-wise lr decay"))
+    pretrained: str = field(default="none", metadata=spec(
+        help="a pretraining run folder, an exported backbone file (vidssl export), or none (random init)"))
+    label_fraction: float = field(default=1.0, metadata=spec(
+        gt=0, le=1, help="train on a stratified fraction of the labelled samples (>= 1 per class), "
+                         "deterministic for train.seed; the chosen keys are written to the run folder"))
+    label_smoothing: float = field(default=0.0, metadata=spec(ge=0, lt=1, help="cross-entropy label smoothing"))
+    mixup: float = field(default=0.0, metadata=spec(ge=0, help="mixup alpha (0: off); one mix per clip"))
+    cutmix: float = field(default=0.0, metadata=spec(ge=0, help="cutmix alpha (0: off); one box for every frame"))
+    mix_prob: float = field(default=1.0, metadata=spec(ge=0, le=1, help="probability of mixing a batch"))
+    layer_decay: float = field(default=0.75, metadata=spec(
+        gt=0, le=1, help="full mode: lr scale decay^(L+1-i) for layer i (1: no decay)"))
+    attentive_heads: int = field(default=4, metadata=spec(ge=1, help="attentive probe: attention heads"))
+    head_norm: bool = field(default=True, metadata=spec(
+        help="linear mode: BatchNorm1d without affine on the pooled features before the linear layer"))
+
+
+@dataclass(kw_only=True)
+class EvalSection(Config):
+    """Multi-view evaluation at the end of fine-tuning (and by ``vidssl evaluate``)."""
+
+    dataset: list[str] | str = field(default_factory=list, metadata=spec(
+        help="validation dataset (labelled shards); empty: no evaluation at the end"))
+    views: int = field(default=5, metadata=spec(ge=1, help="K evenly spaced temporal clips per video"))
+    crops: int = field(default=1, metadata=spec(choices=(1, 3), help="spatial crops per clip (1 centre, or 3)"))
+    batch_size: int = field(default=8, metadata=spec(ge=1, help="videos per evaluation batch and rank"))
+    workers: int = field(default=2, metadata=spec(ge=0, help="loader workers for evaluation"))
+    eval_resize: int = field(default=128, metadata=spec(ge=8, help="short side before cropping"))
+
+    def validate(self) -> None:
+        if isinstance(self.dataset, str):
+            object.__setattr__(self, "dataset", [self.dataset] if self.dataset else [])
+
+
+def _finetune_data() -> DataConfig:
+    return DataConfig(dataset="shards/demo-digits", mode="clip", frames=8, stride=1, batch_size=16, crop_size=56,
+                      scale=(0.5, 1.0), flip=False, workers=2)
+
+
+def _finetune_train() -> TrainConfig:
+    return TrainConfig(max_steps=300, lr=1e-3, warmup_steps=20, weight_decay=0.0, checkpoint_every=100,
+                       keep_checkpoints=2)
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig(Config):
+    """Everything ``vidssl finetune`` needs."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/finetune"), metadata=spec(
+        help="run folder and progress display"))
+    data: DataConfig = field(default_factory=_finetune_data, metadata=spec(
+        help="labelled training shards (mode clip, augment train)"))
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=spec(help="backbone and head"))
+    finetune: FinetuneSection = field(default_factory=FinetuneSection, metadata=spec(help="mode and weights"))
+    eval: EvalSection = field(default_factory=EvalSection, metadata=spec(help="evaluation at the end"))
+    train: TrainConfig = field(default_factory=_finetune_train, metadata=spec(help="loop, optimizer, checkpoints"))
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig, metadata=spec(help="DeepSpeed engine"))
+
+    def validate(self) -> None:
+        if self.data.mode != "clip":
+            raise ConfigError(f"{self._key('data')}.mode: got {self.data.mode!r}; fine-tuning trains on one clip per "
+                              f"sample: 'clip'")
+        if self.finetune.mode != "full" and (self.finetune.mixup or self.finetune.cutmix):
+            raise ConfigError(f"{self._key('finetune')}.mixup/cutmix: got {self.finetune.mixup}/{self.finetune.cutmix} "
+                              f"with mode {self.finetune.mode!r}; allowed only with mode full")
