@@ -170,6 +170,7 @@ class FinetuneTask(nn.Module):
         else:
             layers = [nn.Dropout(hc.dropout), nn.Linear(d, num_classes)]
         self.head = nn.Sequential(*norm, *layers)
+        self.train()  # frozen backbones go to eval mode now, not only when someone calls train()
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -82,6 +82,7 @@ def train_loop(*, engine, loader, cfg, state: TrainState, metrics,
     step (for monitors such as kNN accuracy).
     """
     module = engine.module  # the task as the engine holds it
+    module.train()
     batches = endless_batches(loader)
     clips_per_step = micro_batch * cfg.grad_accum * engine.world_size
     while state.step < cfg.max_steps:
