@@ -424,3 +424,21 @@ def test_bf16_runs_and_export_gives_the_fp32_master_weights(tmp_path, ssl_shards
     assert w.dtype == torch.float32
     # fp32 masters, not the bf16 module weights cast up: they do not all survive rounding to bf16.
     assert not torch.equal(w, w.bfloat16().float())
+
+
+def test_knn_monitor_during_pretraining_logs_accuracy_without_changing_the_losses(tmp_path, ssl_shards):
+    base = tiny(ssl_shards, tmp_path / "plain", "train.max_steps=3")
+    assert pretrain(base) == 0
+    run = tmp_path / "knn"
+    assert pretrain(tiny(ssl_shards, run, "train.max_steps=3", "knn.every=2", f"knn.train={ssl_shards}",
+                         f"knn.val={ssl_shards}", "knn.k=5")) == 0
+    r = rows(run)
+    knn = [x for x in r if x.get("kind") == "knn"]
+    assert [x["step"] for x in knn] == [2, 3] and all(0 <= x["top1"] <= 1 for x in knn)
+    # The monitor runs in eval mode on a forked RNG: training is exactly what it was without it.
+    assert [x["loss"] for x in r if "loss" in x] == [x["loss"] for x in rows(tmp_path / "plain")]
+
+
+def test_knn_without_datasets_is_a_config_error(tmp_path, ssl_shards, capsys):
+    assert pretrain(tiny(ssl_shards, tmp_path / "r", "knn.every=5")) == 2
+    assert "knn.train" in capsys.readouterr().err

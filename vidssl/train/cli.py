@@ -84,8 +84,58 @@ def run_pretrain(cfg, *, local_rank: int | None = None) -> dict:
     from vidssl.train.task import PretrainTask  # noqa: PLC0415
 
     pre = preflight(cfg)
+    monitor = knn_monitor(cfg) if cfg.knn.every else None
     return run_training(cfg, lambda _loader: PretrainTask(cfg.model, cfg.objectives, cfg.train),
-                        local_rank=local_rank, pre=pre, name="pretrain")
+                        local_rank=local_rank, pre=pre, name="pretrain", on_step_factory=monitor)
+
+
+def knn_monitor(cfg):
+    """``on_step_factory`` for :func:`run_training`: kNN accuracy every ``knn.every`` steps and at the end,
+    logged to metrics.jsonl (``kind: knn``) and TensorBoard (``knn/top1``)."""
+    from vidssl.data.index import open_index  # noqa: PLC0415
+
+    kc = cfg.knn
+    _check_classes(open_index(kc.train).classes, open_index(kc.val).classes, f"knn.val {kc.val!r}")
+
+    def factory(*, engine, metrics, task):
+        import torch  # noqa: PLC0415
+
+        from vidssl.eval.evaluate import extract_features, views_loader_config  # noqa: PLC0415
+        from vidssl.eval.knn import knn_accuracy  # noqa: PLC0415
+        from vidssl.models.base import clips_to_input  # noqa: PLC0415
+
+        module = engine.module
+        backbone = module.backbone
+        mean, std = tuple(cfg.model.mean), tuple(cfg.model.std)
+
+        def fn(clips):
+            dtype = next(backbone.parameters()).dtype
+            return backbone.forward_pooled(clips_to_input(clips, mean, std, dtype=dtype))
+
+        def loader_cfg(ds: str):
+            return views_loader_config([ds], frames=cfg.data.frames, stride=cfg.data.stride,
+                                       crop_size=cfg.data.crop_size, views=kc.views, crops=1,
+                                       batch_size=kc.batch_size, workers=kc.workers,
+                                       eval_resize=cfg.data.crop_size)
+
+        def on_step(state) -> None:
+            if state.step % kc.every and state.step != cfg.train.max_steps:
+                return
+            # Loader iterations draw from torch's RNG: fork it so the training RNG (and resume) is untouched.
+            with torch.random.fork_rng(devices=[]):
+                module.eval()
+                try:
+                    _, tf, tl = extract_features(fn, loader_cfg(kc.train), engine.device)
+                    _, vf, vl = extract_features(fn, loader_cfg(kc.val), engine.device)
+                finally:
+                    module.train()
+            res = knn_accuracy(tf, tl, vf, vl, k=kc.k, temperature=kc.temperature)
+            metrics.event({"step": state.step, "kind": "knn", "top1": res["top1"], "top5": res["top5"]})
+            log.info("step %d: kNN top-1 %.4f top-5 %.4f (k=%d)", state.step, res["top1"], res["top5"], res["k"])
+
+        return on_step
+
+    return factory
 
 
 def count_flops(module, batch) -> int:

@@ -20,7 +20,7 @@ from vidssl.config import Config, ConfigError, dataclass, field, spec
 from vidssl.data.config import DataConfig
 from vidssl.models.config import ContrastConfig, FutureConfig, ModelConfig, ObjectivesConfig
 
-__all__ = ["RunConfig", "TrainConfig", "DeepSpeedConfig", "PretrainConfig", "FinetuneSection", "EvalSection",
+__all__ = ["RunConfig", "TrainConfig", "DeepSpeedConfig", "PretrainConfig", "KnnConfig", "FinetuneSection", "EvalSection",
            "FinetuneConfig"]
 
 
@@ -102,6 +102,26 @@ class DeepSpeedConfig(Config):
         help="ZeRO-2/3: keep optimizer state in CPU memory"))
 
 
+@dataclass(kw_only=True)
+class KnnConfig(Config):
+    """A cheap monitor during pretraining: kNN accuracy of frozen, L2-normalised backbone features
+    (k nearest training videos, votes weighted by exp(similarity / temperature), as DINO does)."""
+
+    every: int = field(default=0, metadata=spec(ge=0, help="steps between kNN evaluations (0: off)"))
+    train: str = field(default="", metadata=spec(help="labelled shards whose features form the memory bank"))
+    val: str = field(default="", metadata=spec(help="labelled shards that are classified"))
+    k: int = field(default=20, metadata=spec(ge=1, help="neighbours"))
+    temperature: float = field(default=0.07, metadata=spec(gt=0, help="vote weight exp(sim / temperature)"))
+    views: int = field(default=1, metadata=spec(ge=1, help="evenly spaced clips per video, features averaged"))
+    batch_size: int = field(default=16, metadata=spec(ge=1, help="videos per batch and rank"))
+    workers: int = field(default=0, metadata=spec(ge=0, help="loader workers of the kNN passes"))
+
+    def validate(self) -> None:
+        if self.every and not (self.train and self.val):
+            raise ConfigError(f"{self._key('train')}/{self._key('val')}: both are required with "
+                              f"{self._key('every')}={self.every}; got train={self.train!r} val={self.val!r}")
+
+
 def _pretrain_data() -> DataConfig:
     return DataConfig(dataset="shards/demo-digits", mode="ssl", frames=8, stride=1, future=4, gap_min=4,
                       gap_max=16, batch_size=16, crop_size=56, scale=(0.5, 1.0), flip=False, workers=2)
@@ -124,6 +144,7 @@ class PretrainConfig(Config):
         help="self-supervised objectives"))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=spec(help="loop, optimizer, checkpoints"))
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig, metadata=spec(help="DeepSpeed engine"))
+    knn: KnnConfig = field(default_factory=KnnConfig, metadata=spec(help="kNN accuracy monitor (off by default)"))
 
     def validate(self) -> None:
         if self.data.mode != "ssl":
