@@ -156,8 +156,9 @@ def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | Non
         seed_everything(cfg.train.seed)
         loader = build_loader(cfg.data, rank=env.rank, world_size=env.world_size)
         task = build_task(loader)
-        if pre.device == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _local_world())))
+        if pre.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # Ranks on one machine share its cores: oversubscribed OpenMP threads spin against each other.
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, _local_world())))
         groups = task.param_groups()
         name_of = {id(p): n for n, p in task.named_parameters()}
         group_names = [[name_of[id(p)] for p in g["params"]] for g in groups]  # lets export find fp32 masters
@@ -211,7 +212,9 @@ _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _local_world() -> int:
-    try:
-        return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
-    except ValueError:
-        return 1
+    """Ranks on this machine: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, or SLURM's."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(key, "").split("(")[0]
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
