@@ -314,3 +314,20 @@ def test_ssl_model_with_every_objective_switched_off_after_validation_is_a_confi
     cfg.contrast.weight = 0.0   # ... so the cross-section rule is checked again when the model is built
     with pytest.raises(ConfigError, match=r"every objective is off"):
         SSLModel(SMALL, cfg)
+
+
+def test_future_infonce_with_other_window_hard_negatives():
+    """negatives=batch+other adds every step of the other windows (same videos, other times) as negatives:
+    the chance level grows accordingly, the positives keep their places, and gradients reach the keys."""
+    batch = make_batch(b=4)
+    torch.manual_seed(0)
+    cfg = {"future": {"negatives": "batch+other"}, "contrast": {"enabled": False}}
+    model = SSLModel(SMALL, ObjectivesConfig.from_dict(cfg))
+    out = model(batch)
+    t_other = model.backbone.out_steps(batch["other"].shape[1])
+    assert out["future/chance"].item() == pytest.approx(math.log(4 * 1 + 4 * t_other))
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.trainable_parameters())
+    # Without the other window the option cannot work: a clear error names it.
+    with pytest.raises(InputShapeError, match="missing window 'other'"):
+        model({k: v for k, v in batch.items() if k != "other"})

@@ -119,6 +119,11 @@ class LatentFuture(nn.Module):
             q = F.normalize(pred.float(), dim=-1).reshape(b * f, -1)  # (B*F', E)
             k = F.normalize(self.target_proj(fut).float(), dim=-1).reshape(b * f, -1)  # (B*F', E)
             keys = gather_with_grad(k)  # (W*B*F', E): every clip and step of the global batch
+            if self.cfg.negatives == "batch+other":
+                # Hard negatives: the other window of the same videos (same digit/scene, another time).
+                o = views.features("other")  # (B, T'o, D)
+                ko = F.normalize(self.target_proj(o).float(), dim=-1).reshape(-1, k.shape[-1])
+                keys = torch.cat([keys, gather_with_grad(ko)], dim=0)  # positives keep their indices
             pos = get_rank() * b * f + torch.arange(b * f, device=q.device)
             loss, acc = info_nce(q, keys, pos, self.cfg.temperature)
             return {"loss": loss, "acc": acc,
