@@ -204,7 +204,7 @@ def _export_cmd(args: argparse.Namespace) -> int:
 
 
 def _find_checkpoint(run: str, step: int | None) -> Path:
-    from vidssl.train.checkpoint import META, complete_checkpoints, tag_for  # noqa: PLC0415
+    from vidssl.train.checkpoint import META, complete_checkpoints  # noqa: PLC0415
 
     p = Path(run)
     if (p / META).is_file() and step is None:
@@ -428,10 +428,6 @@ def _evaluate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _newest(run: str, step: int | None) -> Path:
-    return _find_checkpoint(run, step)
-
-
 def evaluate_run(run: str, *, data: str | None = None, step: int | None = None, views: int | None = None,
                  crops: int | None = None, batch_size: int | None = None, workers: int | None = None,
                  output: str | None = None) -> dict:
@@ -445,7 +441,7 @@ def evaluate_run(run: str, *, data: str | None = None, step: int | None = None, 
     from vidssl.train.engine import consolidated_state_dict  # noqa: PLC0415
     from vidssl.train.finetune import FinetuneTask  # noqa: PLC0415
 
-    ckpt = _newest(run, step)
+    ckpt = _find_checkpoint(run, step)
     meta = read_meta(ckpt)
     if "finetune" not in meta.get("config", {}):
         raise UserError(f"evaluate: {run!r} is not a fine-tuning run; for a pretraining run or a backbone file "
@@ -487,7 +483,6 @@ def knn_evaluate(source: str, *, data: str | None = None, train: str | None = No
     from vidssl.eval.knn import knn_accuracy  # noqa: PLC0415
     from vidssl.models import build_backbone_from_config  # noqa: PLC0415
     from vidssl.models.base import clips_to_input  # noqa: PLC0415
-    from vidssl.models.config import ModelConfig  # noqa: PLC0415
     from vidssl.train.finetune import load_pretrained_backbone  # noqa: PLC0415
 
     if not data or not train:
