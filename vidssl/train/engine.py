@@ -26,6 +26,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -247,6 +248,14 @@ def _same(a: Any, b: Any) -> bool:
 def _init_process_group(env: DistEnv, device: str, timeout_minutes: float) -> None:
     if device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed picks an accelerator
+    # DeepSpeed JIT-builds a small op with ninja. A process started as .venv/bin/vidssl without the venv on
+    # PATH finds the system's ninja; one started with it finds the venv's; the two disagree about the build
+    # log and rebuild the op (about a minute on 2 cores) every time the other built it. Use this
+    # interpreter's bin folder first, so every start agrees.
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if bindir and path.split(os.pathsep)[:1] != [bindir]:
+        os.environ["PATH"] = bindir + (os.pathsep + path if path else "")
     import deepspeed  # noqa: PLC0415
     import torch  # noqa: PLC0415
     from deepspeed.utils import logger as ds_logger  # noqa: PLC0415
