@@ -12,9 +12,10 @@ exactly as ``vidssl pretrain`` takes them (e.g. ``data.dataset=/tmp/shards``).
    the loader / total step time over those steps; the per-step median is reported too). The
    report gives the median of the per-run figures and their range.
 2. **Engine vs plain PyTorch** (target: engine step time <= 1.10x plain). One process, the same
-   torch thread count for both sides (``--threads``; 0: what ``vidssl pretrain`` uses, the cores
-   divided by the local processes). ``--compare-batches`` batches are read once from the real
-   loader (then the loader is closed, so no worker competes for the cores) and cycled from memory.
+   torch thread count for both sides (``--threads``; 0: what ``vidssl pretrain`` uses for one
+   process: ``OMP_NUM_THREADS``, else the usable cores). ``--compare-batches`` batches are read
+   once from the real loader (then the loader is closed, so no worker competes for the cores) and
+   cycled from memory.
    Each repeat builds, with the same seed, (a) a :class:`~vidssl.train.task.PretrainTask` wrapped by
    :func:`vidssl.train.engine.init_engine` (single-process gloo group) and stepped as
    :func:`vidssl.train.loop.train_loop` does it (``set_schedule``, forward, the finite-loss check,
@@ -70,7 +71,8 @@ def register(sub) -> None:
     p.add_argument("--compare-batches", type=int, default=8,
                    help="batches read once from the loader and cycled in memory (default 8)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads of the comparison (0: as vidssl pretrain sets them, the cores per process)")
+                   help="torch threads of the comparison (0: as vidssl pretrain sets them for one process: "
+                        "OMP_NUM_THREADS, else the usable cores)")
     p.add_argument("--skip-pretrain", action="store_true", help="leave out part 1 (the vidssl pretrain runs)")
     p.add_argument("--skip-compare", action="store_true", help="leave out part 2 (engine vs plain PyTorch)")
     p.add_argument("--keep", default=None, help="keep the run folders under this folder (default: removed)")
@@ -181,6 +183,7 @@ def _engine_side(cfg, ds_config, env, device, rng):
     engine = init_engine(task, task.param_groups(), ds_config, env, device)
     task.place(engine.device)
     module, tc = engine.module, cfg.train
+    module.train()
 
     def step(i, batches):
         engine.set_schedule(lr_at(i, tc), weight_decay_at(i, tc))
@@ -211,6 +214,7 @@ def _plain_side(cfg, device, rng):
     torch.manual_seed(cfg.train.seed)
     task = PretrainTask(cfg.model, cfg.objectives, cfg.train).to(device)
     task.place(torch.device(device))
+    task.train()
     tc = cfg.train
     groups = task.param_groups()
     # The same call DeepSpeed makes for optimizer AdamW with torch_adam (foreach left to torch).
@@ -253,7 +257,10 @@ def _part_compare(cfg, args) -> dict:
     from vidssl.train.runner import seed_everything  # noqa: PLC0415
 
     device = resolve_device(cfg.train.device)
-    threads = args.threads or max(1, os.cpu_count() or 1)  # vidssl pretrain: cores // local processes (1 here)
+    # What vidssl pretrain uses for one process: OMP_NUM_THREADS when set (torch's default honours it),
+    # else the cores this process may run on.
+    threads = args.threads or (torch.get_num_threads() if "OMP_NUM_THREADS" in os.environ
+                               else max(1, len(os.sched_getaffinity(0))))
     need = max(args.compare_batches, 1)
     seed_everything(cfg.train.seed)
     loader = build_loader(cfg.data, rank=0, world_size=1)
@@ -266,6 +273,11 @@ def _part_compare(cfg, args) -> dict:
     read_s = time.perf_counter() - t0
     print(f"compare: {len(batches)} batches of {cfg.data.batch_size} read in {read_s:.1f} s and held in memory; "
           f"{threads} torch threads on both sides", flush=True)
+    same_math = cfg.deepspeed.precision == "fp32" and cfg.deepspeed.zero_stage == 0
+    if not same_math:
+        print(f"compare: note: the plain side is fp32 AdamW without sharding; the engine runs "
+              f"{cfg.deepspeed.precision} ZeRO-{cfg.deepspeed.zero_stage}, so the ratio includes that difference",
+              flush=True)
 
     env = resolve_env()
     init_distributed(env, device, cfg.train.timeout_minutes)
@@ -301,6 +313,9 @@ def _part_compare(cfg, args) -> dict:
                "first_loss": a.losses[0], "last_loss": a.losses[-1],
                "threads": threads, "load_avg_1m": round(os.getloadavg()[0], 2)}
         repeats.append(rep)
+        if same_math and device == "cpu" and rep["max_abs_loss_diff_first3"] > 1e-4 * abs(a.losses[0]) + 1e-6:
+            print(f"compare: WARNING: the engine and the plain loop disagree on the first losses "
+                  f"({rep['max_abs_loss_diff_first3']:.2e}): they are not computing the same steps", flush=True)
         print(f"compare repeat {r + 1}/{args.repeats}: engine {ea:.3f} s/step, plain {pb:.3f} s/step, ratio "
               f"{rep['ratio']:.3f} (step by step {paired:.3f}); |loss difference| "
               f"{rep['max_abs_loss_diff_first3']:.1e} over "
@@ -423,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
             share = result["pretrain"]["step_time_s"] / c["engine_step_s"]
             result["loader_fed_vs_in_memory"] = share
             print(f"{'  pretrain step / in-memory engine step':<44} {share:>12.3f}   "
-                  f"(the loader's workers share the cores)")
+                  f"(loader workers on the same cores; compare only at equal load)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
