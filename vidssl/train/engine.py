@@ -127,8 +127,6 @@ def resolve_device(requested: str) -> str:
 
 # ---- the generated DeepSpeed config -----------------------------------------------------------
 
-_DERIVED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
 
 def build_ds_config(train, ds, *, micro_batch: int, world_size: int, device: str) -> dict[str, Any]:
     """The DeepSpeed JSON for a :class:`TrainConfig` + :class:`DeepSpeedConfig`, with ``ds.config`` merged in.
