@@ -24,7 +24,7 @@ from vidssl.config import ConfigError
 from vidssl.errors import UserError
 
 __all__ = ["register_backbone", "build_backbone", "available_backbones", "backbone_options",
-           "OptionError", "load_weights"]
+           "OptionError", "load_weights", "load_state"]
 
 # Built-in backbones: name → module that registers it on import. Kept as plain strings so that
 # listing names (config validation, --help) does not import torch.
@@ -180,6 +180,17 @@ def load_weights(net, path: str | Path, *, key: str = "weights_path") -> None:
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
         raise UserError(f"{key}: cannot read {str(p)!r} as a torch state dict ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    load_state(net, sd, str(p), key=key)
+
+
+def load_state(net, sd: Mapping[str, Any], source: str, *, key: str = "weights_path") -> None:
+    """Load state dict ``sd`` (read from ``source``, named in errors) into backbone ``net``, strictly.
+
+    Strips a ``module.`` prefix (DDP/DeepSpeed), applies the backbone's own key mapping
+    (``VideoBackbone.adapt_state_dict``), and raises :class:`UserError` listing missing, unexpected
+    or mis-shaped keys.
+    """
+    p = source
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     sd = net.adapt_state_dict(sd)
@@ -192,10 +203,10 @@ def load_weights(net, path: str | Path, *, key: str = "weights_path") -> None:
             parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
-        raise UserError(f"{key}: {str(p)!r} does not match backbone {type(net).__name__}: " + "; ".join(parts))
+        raise UserError(f"{key}: {p!r} does not match backbone {type(net).__name__}: " + "; ".join(parts))
     bad = [k for k in own if tuple(own[k].shape) != tuple(sd[k].shape)]
     if bad:
         k = bad[0]
-        raise UserError(f"{key}: {str(p)!r}: {k} has shape {tuple(sd[k].shape)}, backbone expects "
+        raise UserError(f"{key}: {p!r}: {k} has shape {tuple(sd[k].shape)}, backbone expects "
                         f"{tuple(own[k].shape)} ({len(bad)} mismatched tensors)")
     net.load_state_dict(sd, strict=True)

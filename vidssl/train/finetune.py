@@ -44,7 +44,7 @@ def load_pretrained_backbone(backbone, pretrained: str, model_cfg) -> str:
     Returns a description of what was loaded. A backbone name or shape mismatch is a UserError naming
     both names or the mismatched keys.
     """
-    from vidssl.models.registry import load_weights  # noqa: PLC0415
+    from vidssl.models.registry import load_state, load_weights  # noqa: PLC0415
 
     if pretrained.strip().lower() == "none":
         return "random initialisation"
@@ -77,16 +77,11 @@ def load_pretrained_backbone(backbone, pretrained: str, model_cfg) -> str:
     sd = {k[len("model.backbone."):]: v for k, v in full.items() if k.startswith("model.backbone.")}
     if not sd:
         raise UserError(f"finetune.pretrained: checkpoint {ckpt} holds no pretraining backbone (model.backbone.*)")
-    tmp = {k: v for k, v in sd.items()}
-    own = backbone.state_dict()
-    missing = [k for k in own if k not in tmp]
-    unexpected = [k for k in tmp if k not in own]
-    bad = [k for k in own if k in tmp and tuple(own[k].shape) != tuple(tmp[k].shape)]
-    if missing or unexpected or bad:
-        raise UserError(f"finetune.pretrained: {ckpt} does not fit backbone {model_cfg.backbone}: "
-                        f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {bad[:3]}")
-    with torch.no_grad():
-        backbone.load_state_dict(tmp, strict=True)
+    try:
+        with torch.no_grad():
+            load_state(backbone, sd, str(ckpt), key="finetune.pretrained")
+    except UserError as exc:
+        raise UserError(f"finetune.pretrained: {ckpt} does not fit backbone {model_cfg.backbone}: {exc}") from None
     return f"pretraining checkpoint {ckpt} (step {meta.get('step')})"
 
 
