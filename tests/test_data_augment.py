@@ -170,3 +170,26 @@ def test_decord_backend_hands_codecs_it_cannot_open_to_pyav():
     meta = {"fps": 25.0, "frames": len(ref), "keyframes": keys, "codec": "av1", "copy": False, "bframes": 0}
     idx = [0, 3, 9, 17, len(ref) - 1]
     assert np.array_equal(DecordDecoder(1).decode(data, idx, meta), ref[idx])
+
+
+def test_channel_shuffle_permutes_rgb_and_is_off_by_default():
+    from vidssl.data.augment import apply_train, train_params
+    from vidssl.data.config import DataConfig
+
+    x = torch.zeros(3, 3, 16, 16, dtype=torch.uint8)
+    x[:, 0], x[:, 1], x[:, 2] = 10, 100, 200
+    off = DataConfig(dataset="d", jitter_p=0.0, grayscale_p=0.0, flip=False, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert off.channel_shuffle_p == 0.0
+    rng = random.Random(0)
+    assert all(train_params(16, 16, off, rng).perm is None for _ in range(20))
+    on = DataConfig(dataset="d", jitter_p=0.0, grayscale_p=0.0, flip=False, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                    channel_shuffle_p=1.0)
+    seen = set()
+    for _ in range(60):
+        p = train_params(16, 16, on, rng)
+        y = apply_train(x, p, 16)
+        colours = tuple(int(y[0, c, 0, 0]) for c in range(3))
+        assert sorted(colours) == [10, 100, 200]  # the same values, reordered ...
+        assert all(torch.equal(y[t], y[0]) for t in range(3))  # ... the same way on every frame
+        seen.add(colours)
+    assert len(seen) == 6  # every order occurs

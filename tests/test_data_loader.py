@@ -160,6 +160,27 @@ def test_ssl_windows_draw_independent_crops(dataset):
     assert not torch.equal(b["context"], b["other"])
 
 
+def test_ssl_windows_share_the_flip(dataset):
+    # Full-frame crops, gap 0: other shows the context's frames, so it equals the context when both
+    # windows got the same flip and its mirror otherwise. A window mirrored alone would move the other
+    # way, and temporal contrast would then teach the model to ignore the direction of motion.
+    c = cfg(dataset, scale=(1.0, 1.0), ratio=(1.3333, 1.3334), jitter_p=0, grayscale_p=0, flip=True,
+            gap_min=0, gap_max=0, crop_size=48)
+    raw = cfg(dataset, augment="none", gap_min=0, gap_max=0)
+    flipped = same = 0
+    for a, b in zip(build_loader(c, rank=0, world_size=1), build_loader(raw, rank=0, world_size=1)):
+        assert torch.equal(a["frame_indices"]["context"], a["frame_indices"]["other"])
+        for r in range(a["context"].shape[0]):
+            assert torch.equal(a["context"][r], a["other"][r])
+            x = b["context"][r][0:1, ..., 8:56].float()  # first frame, centre 4:3 crop at native size
+            x = torch.nn.functional.interpolate(x, size=(48, 48), mode="bilinear", antialias=True)[0]
+            y = a["context"][r][0].float()
+            is_flip = float((y.flip(-1) - x).abs().mean()) < float((y - x).abs().mean())
+            flipped += is_flip
+            same += not is_flip
+    assert flipped and same  # both outcomes occur, and each time both windows agree
+
+
 # ---- frame exactness ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["pyav", "decord"])

@@ -331,3 +331,22 @@ def test_future_infonce_with_other_window_hard_negatives():
     # Without the other window the option cannot work: a clear error names it.
     with pytest.raises(InputShapeError, match="missing window 'other'"):
         model({k: v for k, v in batch.items() if k != "other"})
+
+
+def test_contrast_reversed_negatives_are_the_other_windows_played_backwards():
+    """negatives=batch+reversed adds each other window reversed in time as a negative: chance doubles,
+    and a clip that reads the same forwards and backwards (static frames) cannot be told from its
+    reversed copy, so the loss is at least log 2 for every query."""
+    torch.manual_seed(0)
+    cfg = {"future": {"enabled": False}, "contrast": {"negatives": "batch+reversed", "symmetric": False}}
+    model = SSLModel(SMALL, ObjectivesConfig.from_dict(cfg)).eval()
+    batch = make_batch(b=4)
+    out = model(batch)
+    assert out["contrast/chance"].item() == pytest.approx(math.log(8))
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.trainable_parameters())
+    # Static windows: the reversed window is identical, so its key equals the positive's.
+    still = dict(batch, **{k: batch[k][:, :1].expand_as(batch[k]).contiguous() for k in ("context", "future", "other")})
+    with torch.no_grad():
+        loss = model(still)["contrast/loss"].item()
+    assert loss >= math.log(2) - 1e-4

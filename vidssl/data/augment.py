@@ -2,8 +2,9 @@
 
 One parameter draw per clip, applied to every frame of it (a crop that moved between frames
 would be fake motion). The ssl mode draws once for context+future together (the future must
-stay aligned with the context) and independently for the other window. Normalisation to float
-happens on the training device, not here.
+stay aligned with the context) and independently for the other window, except the flip, which
+both windows share (a mirrored window moves the other way). Normalisation to float happens on the
+training device, not here.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ __all__ = ["train_params", "apply_train", "eval_views", "TrainParams"]
 
 
 class TrainParams:
-    """One draw: crop box (top, left, height, width), flip, jitter factors in application order, gray."""
+    """One draw: crop box (top, left, height, width), flip, jitter factors in application order, gray,
+    channel order (None: unchanged)."""
 
-    def __init__(self, box, flip, jitter, gray):
+    def __init__(self, box, flip, jitter, gray, perm=None):
         self.box = box
         self.flip = flip
         self.jitter = jitter  # list of (name, factor)
         self.gray = gray
+        self.perm = perm  # tuple of channel indices, or None
 
     def __repr__(self) -> str:
-        return f"TrainParams(box={self.box}, flip={self.flip}, jitter={self.jitter}, gray={self.gray})"
+        return (f"TrainParams(box={self.box}, flip={self.flip}, jitter={self.jitter}, gray={self.gray}, "
+                f"perm={self.perm})")
 
 
 def _crop_box(h: int, w: int, scale, ratio, rng: random.Random) -> tuple[int, int, int, int]:
@@ -66,7 +70,13 @@ def train_params(h: int, w: int, cfg, rng: random.Random) -> TrainParams:
         rng.shuffle(ops)
         jitter = ops
     gray = cfg.grayscale_p > 0 and rng.random() < cfg.grayscale_p
-    return TrainParams(box, flip, jitter, gray)
+    perm = None
+    # Drawn only when enabled, so configs without it keep their exact random stream.
+    if getattr(cfg, "channel_shuffle_p", 0.0) > 0 and rng.random() < cfg.channel_shuffle_p:
+        order = [0, 1, 2]
+        rng.shuffle(order)
+        perm = tuple(order) if order != [0, 1, 2] else None
+    return TrainParams(box, flip, jitter, gray, perm)
 
 
 def apply_train(x: torch.Tensor, p: TrainParams, size: int) -> torch.Tensor:
@@ -77,6 +87,8 @@ def apply_train(x: torch.Tensor, p: TrainParams, size: int) -> torch.Tensor:
     x = F.resized_crop(x, top, left, h, w, [size, size], antialias=True)
     if p.flip:
         x = x.flip(-1)
+    if p.perm is not None and x.shape[-3] == 3:
+        x = x[..., list(p.perm), :, :]
     return _colour(x, p.jitter, p.gray)
 
 

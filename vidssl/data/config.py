@@ -79,6 +79,9 @@ class DataConfig(Config):
     hue: float = field(default=0.0, metadata=spec(ge=0, le=0.5, help="colour jitter hue range"))
     jitter_p: float = field(default=0.8, metadata=spec(ge=0, le=1, help="probability of colour jitter"))
     grayscale_p: float = field(default=0.2, metadata=spec(ge=0, le=1, help="probability of grayscale"))
+    channel_shuffle_p: float = field(default=0.0, metadata=spec(
+        ge=0, le=1, help="probability of a random RGB channel order (breaks colour as a shortcut for "
+                         "self-supervision; every frame of a window gets the same order)"))
     eval_resize: int = field(default=128, metadata=spec(ge=8, help="eval: short side before cropping"))
     eval_crops: int = field(default=1, metadata=spec(choices=(1, 3), help="eval: centre crop (1) or three crops (3)"))
 

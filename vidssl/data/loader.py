@@ -100,9 +100,14 @@ class SampleProcessor:
             nc, nf = len(windows["context"]), len(windows["future"])
             cf, other = frames[: nc + nf], frames[nc + nf:]
             if c.augment == "train":
-                # One draw for context+future (the future must stay aligned), one for other.
-                cf = apply_train(cf, train_params(h, w, c, rng), c.crop_size)
-                other = apply_train(other, train_params(h, w, c, rng), c.crop_size)
+                # One draw for context+future (the future must stay aligned), one for other. Both
+                # windows share the flip: a mirrored window moves the other way, and a positive pair
+                # with opposite motions would teach the model to ignore the direction of motion.
+                p_cf = train_params(h, w, c, rng)
+                p_other = train_params(h, w, c, rng)
+                p_other.flip = p_cf.flip
+                cf = apply_train(cf, p_cf, c.crop_size)
+                other = apply_train(other, p_other, c.crop_size)
             row["context"], row["future"], row["other"] = cf[:nc], cf[nc:], other  # (T|F, C, H, W)
             for name in ("context", "future", "other"):
                 fi[name] = torch.tensor(windows[name], dtype=torch.int64)

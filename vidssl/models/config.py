@@ -120,6 +120,10 @@ class ContrastConfig(Config):
     temperature: float = field(default=0.1, metadata=spec(gt=0.0, help="InfoNCE temperature"))
     symmetric: bool = field(default=True, metadata=spec(
         help="average context→other and other→context losses (else context→other only)"))
+    negatives: Literal["batch", "batch+reversed"] = field(default="batch", metadata=spec(
+        help="batch: the other windows of every clip in the global batch; batch+reversed: also every other "
+             "window played backwards, a hard negative with the same frames and the opposite motion, so "
+             "appearance alone cannot find the positive"))
 
 
 @dataclass(kw_only=True)

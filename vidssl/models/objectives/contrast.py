@@ -23,11 +23,12 @@ __all__ = ["TemporalContrast", "contrastive_loss"]
 
 
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, temperature: float,
-                     symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+                     symmetric: bool = True, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """InfoNCE between paired embeddings ``a, b (B, E)`` (row i of ``a`` matches row i of ``b``).
 
     Keys are gathered from all ranks; the loss is the mean over this rank's rows (see
     :mod:`vidssl.models.distributed` for why this gives the single-process gradient).
+    ``extra`` ``(B', E)``: more negatives for the ``a → b`` direction (gathered too).
     Returns ``(loss, accuracy, number of keys)``.
     """
     a = F.normalize(a.float(), dim=-1)
@@ -35,6 +36,8 @@ def contrastive_loss(a: torch.Tensor, b: torch.Tensor, temperature: float,
     n = a.shape[0]
     pos = get_rank() * n + torch.arange(n, device=a.device)  # own rows within the gathered keys
     keys_b = gather_with_grad(b)  # (W*B, E)
+    if extra is not None:  # appended after the positives' block, so their indices stay
+        keys_b = torch.cat([keys_b, gather_with_grad(F.normalize(extra.float(), dim=-1))], dim=0)
     loss, acc = info_nce(a, keys_b, pos, temperature)
     if symmetric:
         loss2, acc2 = info_nce(b, gather_with_grad(a), pos, temperature)
@@ -53,5 +56,8 @@ class TemporalContrast(nn.Module):
     def forward(self, views: Views) -> dict[str, torch.Tensor]:
         za = self.proj(views.features("context").mean(dim=1))  # (B, E)
         zb = self.proj(views.features("other").mean(dim=1))  # (B, E)
-        loss, acc, keys = contrastive_loss(za, zb, self.cfg.temperature, self.cfg.symmetric)
+        extra = None
+        if self.cfg.negatives == "batch+reversed":
+            extra = self.proj(views.reversed_features("other").mean(dim=1))  # (B, E): same frames, backwards
+        loss, acc, keys = contrastive_loss(za, zb, self.cfg.temperature, self.cfg.symmetric, extra)
         return {"loss": loss, "acc": acc, "chance": torch.tensor(float(keys), device=za.device).log()}

@@ -74,6 +74,17 @@ class Views:
         """Online-backbone per-step features ``(B, T', D)`` of window ``name`` (with gradient)."""
         return self.tokens(name).mean(dim=2)
 
+    def reversed_features(self, name: str) -> torch.Tensor:
+        """Per-step features ``(B, T', D)`` of window ``name`` played backwards (with gradient).
+
+        The same frames in the opposite order: everything a single frame shows is unchanged,
+        only the direction of motion flips (left becomes right, growing becomes shrinking).
+        """
+        key = name + "@reversed"
+        if key not in self._tokens:
+            self._tokens[key] = self.backbone.forward_tokens(self.input(name).flip(2))  # (B, C, T, H, W): time is dim 2
+        return self._tokens[key].mean(dim=2)
+
     def step_positions(self, name: str, steps: int) -> torch.Tensor:
         """Centre of each of ``steps`` feature steps of window ``name``, in frames from the context start.
 
