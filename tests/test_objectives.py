@@ -350,3 +350,15 @@ def test_contrast_reversed_negatives_are_the_other_windows_played_backwards():
     with torch.no_grad():
         loss = model(still)["contrast/loss"].item()
     assert loss >= math.log(2) - 1e-4
+
+
+def test_future_infonce_with_reversed_future_hard_negatives():
+    batch = make_batch(b=4)
+    torch.manual_seed(0)
+    cfg = {"future": {"negatives": "batch+reversed"}, "contrast": {"enabled": False}}
+    model = SSLModel(SMALL, ObjectivesConfig.from_dict(cfg))
+    out = model(batch)
+    f = model.backbone.out_steps(batch["future"].shape[1])
+    assert out["future/chance"].item() == pytest.approx(math.log(2 * 4 * f))
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.trainable_parameters())

@@ -85,10 +85,11 @@ class FutureConfig(Config):
     predictor_depth: int = field(default=2, metadata=spec(ge=1, help="transformer blocks of the predictor"))
     predictor_heads: int = field(default=4, metadata=spec(ge=1, help="attention heads of the predictor"))
     proj_dim: int = field(default=128, metadata=spec(ge=1, help="infonce: embedding width of predictions/targets"))
-    negatives: Literal["batch", "batch+other"] = field(default="batch", metadata=spec(
+    negatives: Literal["batch", "batch+other", "batch+reversed"] = field(default="batch", metadata=spec(
         help="infonce: batch: every future step of every clip in the global batch; batch+other: also every step "
              "of the 'other' windows, hard negatives from the same videos (same appearance, other time), so "
-             "appearance alone cannot pick the true future"))
+             "appearance alone cannot pick the true future; batch+reversed: also every step of the future "
+             "windows played backwards (the same frames and augmentation, the opposite motion)"))
     temperature: float = field(default=0.1, metadata=spec(gt=0.0, help="infonce temperature"))
     pixel_size: int = field(default=32, metadata=spec(ge=4, help="pixels: future frames resized to this square"))
     pixel_patch: int = field(default=8, metadata=spec(ge=1, help="pixels: patch size for per-patch normalisation"))

@@ -124,6 +124,11 @@ class LatentFuture(nn.Module):
                 o = views.features("other")  # (B, T'o, D)
                 ko = F.normalize(self.target_proj(o).float(), dim=-1).reshape(-1, k.shape[-1])
                 keys = torch.cat([keys, gather_with_grad(ko)], dim=0)  # positives keep their indices
+            elif self.cfg.negatives == "batch+reversed":
+                # Hard negatives: the future windows backwards (same frames, opposite motion).
+                r = views.reversed_features("future")  # (B, F', D)
+                kr = F.normalize(self.target_proj(r).float(), dim=-1).reshape(-1, k.shape[-1])
+                keys = torch.cat([keys, gather_with_grad(kr)], dim=0)
             pos = get_rank() * b * f + torch.arange(b * f, device=q.device)
             loss, acc = info_nce(q, keys, pos, self.cfg.temperature)
             return {"loss": loss, "acc": acc,
