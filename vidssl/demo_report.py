@@ -169,7 +169,7 @@ def write_demo_report(cfg, state: dict) -> dict[str, Any]:
         "arms": rows, "targets": targets,
         "pretrain": {"steps": ps.get("steps"), "seconds": pre.get("seconds"), "run": ps.get("run"),
                      "first": ps.get("first"), "last": ps.get("last"), "backbone": ps.get("backbone"),
-                     "future_target": cfg.pretrain.objectives.future.target},
+                     "objectives": _objectives_text(cfg.pretrain.objectives)},
         "data": {"classes": classes, "train": (stages.get("shard", {}).get("summary", {}) or {}).get("train"),
                  "val": (stages.get("shard", {}).get("summary", {}) or {}).get("val")},
         "chance": 1 / num_classes if num_classes else None,
@@ -186,6 +186,18 @@ def write_demo_report(cfg, state: dict) -> dict[str, Any]:
     tmp.write_text(md, encoding="utf-8")
     os.replace(tmp, paths["report_md"])
     return report
+
+
+def _objectives_text(obj) -> str:
+    """The enabled objectives in words, e.g. 'temporal contrast (negatives batch+reversed)'."""
+    parts = []
+    f, c = obj.future, obj.contrast
+    if f.enabled and f.weight > 0:
+        detail = f"{f.target}" + (f", {f.loss}, negatives {f.negatives}" if f.target == "latent" else "")
+        parts.append(f"future prediction ({detail})")
+    if c.enabled and c.weight > 0:
+        parts.append(f"temporal contrast (negatives {c.negatives})")
+    return " + ".join(parts)
 
 
 def _pct(v: Any) -> str:
@@ -205,8 +217,8 @@ def _markdown(rep: dict[str, Any], percent_name) -> str:
         first, last = pre.get("first") or {}, pre.get("last") or {}
         losses = ", ".join(f"{k} {first.get(k, float('nan')):.3f} -> {v:.3f}"
                            for k, v in last.items() if k == "loss" or k.endswith("/loss"))
-        lines += [f"Pretraining: {pre['steps']} steps in {pre['seconds']:.0f}s (future target "
-                  f"{pre['future_target']}); {losses}.", ""]
+        lines += [f"Pretraining: {pre['steps']} steps in {pre['seconds']:.0f}s ({pre['objectives']}); {losses}. "
+                  f"Why this recipe: docs/ssl.md in the vidssl repository.", ""]
     lines += ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
     for t in rep["targets"]:
         met = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
