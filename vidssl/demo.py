@@ -69,11 +69,11 @@ def _shard_defaults() -> ShardConfig:
 
 
 def _pretrain_defaults() -> PretrainConfig:
-    # The same settings as configs/pretrain/demo_cpu.yaml (a test keeps them equal): about 4 minutes
+    # The same settings as configs/pretrain/demo_cpu.yaml (a test keeps them equal): about 4.5 minutes
     # of DeepSpeed pretraining on 2 CPU cores. data and objectives: PretrainConfig's defaults.
     return PretrainConfig(run=RunConfig(dir="runs/demo/pretrain", progress="bar"),
                           model=ModelConfig(backbone="cnn3d_small", backbone_kwargs={"width": 16}),
-                          train=TrainConfig(max_steps=400, warmup_steps=20, checkpoint_every=100, keep_checkpoints=2,
+                          train=TrainConfig(max_steps=600, warmup_steps=20, checkpoint_every=200, keep_checkpoints=2,
                                             device="cpu"))
 
 
