@@ -262,3 +262,18 @@ def test_bad_demo_settings_exit_2_with_the_key(override, needle, capsys):
     assert cli.main(["demo", override]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
+
+
+def test_targets_compare_float32_accuracies_at_the_exact_threshold():
+    from vidssl.demo_report import compute_targets
+
+    import numpy as np
+    f32 = lambda hits, n: float(np.float32(hits / n))  # noqa: E731 - evaluation reports float32 accuracies
+    rows = [{"name": "linear-ssl-100", "top1": f32(195, 270)}, {"name": "linear-random-100", "top1": f32(51, 270)},
+            {"name": "full-ssl-10", "top1": f32(226, 270)}, {"name": "full-scratch-10", "top1": f32(199, 270)}]
+    t = {x["name"]: x for x in compute_targets(rows, [0.1, 1.0])}
+    assert t["ssl_finetune_vs_scratch"]["met"] is True  # 27 of 270 videos more: exactly 10 points
+    assert t["ssl_linear_vs_random"]["met"] is True and t["ssl_linear_absolute"]["met"] is True
+    rows[2]["top1"] = f32(225, 270)  # one video fewer: 9.6 points
+    assert {x["name"]: x for x in compute_targets(rows, [0.1, 1.0])}["ssl_finetune_vs_scratch"]["met"] is False
+    assert compute_targets(rows[:1], [0.1, 1.0])[1]["met"] is None  # arms missing: not judged
