@@ -1,6 +1,7 @@
 """``vidssl data``: inspect a dataset through the loader.
 
-    vidssl data peek [-n N] DATASET [config.yaml] [key=value ...]   read N batches: shapes/keys/labels/time
+    vidssl data peek [-n N] [--save FILE.png] [--save-dir DIR] DATASET [config.yaml] [key=value ...]
+        read N batches: shapes/keys/labels/time; --save/--save-dir draw contact sheets (vidssl.data.sheet)
     vidssl data plan [--world-size W] DATASET [config.yaml] [key=value ...]   batches per rank, coverage, padding
 
 Options go before DATASET (everything after it is config). Overrides are DataConfig fields (``frames=16 mode=clip workers=0``), see docs/data.md.
@@ -9,6 +10,7 @@ Options go before DATASET (everything after it is config). Overrides are DataCon
 from __future__ import annotations
 
 import argparse
+import os
 
 __all__ = ["register", "run_peek", "run_plan"]
 
@@ -25,6 +27,11 @@ def register(sub) -> None:
     peek.add_argument("-n", "--batches", type=int, default=3, help="batches to read (default 3)")
     peek.add_argument("--rank", type=int, default=0)
     peek.add_argument("--world-size", type=int, default=1)
+    peek.add_argument("--save", metavar="FILE.png", help="write a contact sheet of all batches read (one row per "
+                      "sample, every window, frame numbers, key/label; padding rows marked)")
+    peek.add_argument("--save-dir", metavar="DIR", help="write one contact sheet per batch: DIR/batch-001.png, ...")
+    peek.add_argument("--scale", type=int, default=0, help="enlarge frames by this integer factor in the sheets "
+                      "(nearest neighbour; default: enough to make frames at least 64 px tall, at most 4)")
     peek.set_defaults(func=run_peek)
     plan = add_command(dsub, "plan", help="print the epoch plan: batches per rank, coverage, padding")
     plan.add_argument("dataset", help="dataset folder or URL (holding index.json)")
@@ -65,6 +72,29 @@ def _shape(v) -> str:
     return type(v).__name__
 
 
+def _check_save(args: argparse.Namespace) -> None:
+    """Refuse unusable --save/--save-dir/--scale before reading anything; create the --save-dir folder."""
+    from vidssl.errors import UserError  # noqa: PLC0415
+
+    if args.scale < 0 or args.scale > 16:
+        raise UserError(f"--scale: got {args.scale}; allowed: 1..16 (0: automatic)")
+    if args.save:
+        if not args.save.lower().endswith(".png"):
+            raise UserError(f"--save: got {args.save!r}; expected a file name ending in .png")
+        parent = os.path.dirname(os.path.abspath(args.save))
+        if not os.path.isdir(parent):
+            raise UserError(f"--save {args.save!r}: the folder {parent!r} does not exist")
+        if os.path.isdir(args.save):
+            raise UserError(f"--save {args.save!r} is a folder; give a file name ending in .png (or use --save-dir)")
+    if args.save_dir:
+        if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
+            raise UserError(f"--save-dir {args.save_dir!r} exists and is not a folder")
+        try:
+            os.makedirs(args.save_dir, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--save-dir {args.save_dir!r}: cannot create it ({exc})") from None
+
+
 def run_peek(args: argparse.Namespace) -> int:
     import time  # noqa: PLC0415
 
@@ -73,6 +103,7 @@ def run_peek(args: argparse.Namespace) -> int:
 
     if args.batches < 1:
         raise UserError(f"--batches: got {args.batches}; allowed: >= 1")
+    _check_save(args)
     cfg = _config(args)
     t0 = time.perf_counter()
     loader = build_loader(cfg, rank=args.rank, world_size=args.world_size)
@@ -81,6 +112,7 @@ def run_peek(args: argparse.Namespace) -> int:
     t_first = None
     n = 0
     clips = 0
+    sheet_rows: list = []
     for batch in loader:
         now = time.perf_counter()
         t_first = t_first or now - t0
@@ -93,9 +125,24 @@ def run_peek(args: argparse.Namespace) -> int:
         print(f"batch {n}: {shapes}; frame_indices {fi}")
         print(f"  keys {batch['key'][:4]}{' ...' if len(batch['key']) > 4 else ''}  labels {labels[:8]} {names[:8]}  "
               f"valid {int(batch['valid'].sum())}/{len(labels)}")
+        if args.save or args.save_dir:
+            from vidssl.data import sheet  # noqa: PLC0415
+
+            rows = sheet.rows_from_batch(batch, loader.classes, batch_number=n)  # copies: buffers get reused
+            if args.save_dir:
+                path = os.path.join(args.save_dir, f"batch-{n:03d}.png")
+                sheet.save_png(sheet.draw_sheet(rows, args.scale or sheet.auto_scale(rows)), path)
+                print(f"  wrote {path}")
+            if args.save:
+                sheet_rows.extend(rows)
         if n >= args.batches:
             break
     total = time.perf_counter() - t0
+    if args.save and sheet_rows:
+        from vidssl.data import sheet  # noqa: PLC0415
+
+        sheet.save_png(sheet.draw_sheet(sheet_rows, args.scale or sheet.auto_scale(sheet_rows)), args.save)
+        print(f"wrote {args.save} ({len(sheet_rows)} rows)")
     print(f"read {n} batches ({clips} clips) in {total:.2f}s (first batch after {t_first or 0:.2f}s)")
     errs = dict(loader.stats["errors"])
     if errs:

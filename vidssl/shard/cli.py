@@ -4,9 +4,10 @@
     vidssl shard merge OUTDIR      # combine the jobs of a num_jobs run into index.json
     vidssl shard verify OUTDIR     # check every shard against the index; exit 1 on problems
     vidssl shard info OUTDIR       # the dataset summary
+    vidssl shard report DATASET [-o DIR] [--per-class N] [--seed S]   # static HTML page (vidssl.shard.report)
 
-argparse cannot mix a SOURCE list with sub-verbs, so a first positional ``merge``, ``verify`` or
-``info`` selects the sub-verb; a source file literally named like that is passed as ``./merge``.
+argparse cannot mix a SOURCE list with sub-verbs, so a first positional ``merge``, ``verify``,
+``info`` or ``report`` selects the sub-verb; a source file literally named like that is passed as ``./merge``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from vidssl.errors import UserError
 
 log = logging.getLogger("vidssl.shard")
 
-SUBVERBS = ("merge", "verify", "info")
+SUBVERBS = ("merge", "verify", "info", "report")
 _NOT_FLAGS = {"sources", "output"}
 
 EPILOG = """\
@@ -33,6 +34,7 @@ later ones win: defaults < config.yaml < key=value < flags. Examples:
   vidssl shard list.csv -o shards/train configs/shard/default.yaml --workers 8 --shard-size 1GB
   vidssl shard vids/ -o shards/x num_jobs=4 job_index=$SLURM_ARRAY_TASK_ID; vidssl shard merge shards/x
   vidssl shard verify shards/digits
+  vidssl shard report shards/digits --per-class 4      # → shards/digits/report/report.html
 See docs/sharding.md.
 """
 
@@ -41,14 +43,18 @@ def register(sub) -> None:
     from vidssl.cli import add_command
     from vidssl.shard.config import ShardConfig
 
-    p = add_command(sub, "shard", help="raw footage → reproducible WebDataset shards (+ merge, verify, info)",
+    p = add_command(sub, "shard", help="raw footage → reproducible WebDataset shards (+ merge, verify, info, report)",
                     epilog=EPILOG)
-    p.add_argument("items", nargs="*", metavar="SOURCE|merge|verify|info",
+    p.add_argument("items", nargs="*", metavar="SOURCE|merge|verify|info|report",
                    help="video files, folders, globs, manifests (.csv/.jsonl); a config.yaml; key=value "
-                        "overrides. Or a sub-verb followed by OUTDIR")
-    p.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (its parent must exist)")
+                        "overrides. Or a sub-verb followed by OUTDIR (report: DATASET, a folder or URL)")
+    p.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (its parent must exist); report: the "
+                   "report folder (default DATASET/report, or ./shard-report for a remote DATASET)")
     p.add_argument("--no-decode", action="store_true", help="verify: skip decoding every clip")
     p.add_argument("--json", action="store_true", help="info/verify: print JSON")
+    p.add_argument("--per-class", type=int, default=None, metavar="N",
+                   help="report: thumbnails of at most N clips per class, the only clips decoded (default 4)")
+    p.add_argument("--seed", type=int, default=None, help="report: seed of the thumbnail sample (default 0)")
     opts = p.add_argument_group("shard options (same names as config keys)")
     for name, tname, default, help_text in ShardConfig.field_help():
         if name in _NOT_FLAGS:
@@ -130,8 +136,23 @@ def run(args: argparse.Namespace) -> int:
     from vidssl.shard import dataset_info, merge_index, run_shard, verify_dataset
 
     items = list(args.items)
-    if items and items[0] in SUBVERBS:
-        verb, rest = items[0], items[1:]
+    verb = items[0] if items and items[0] in SUBVERBS else None
+    if verb != "report":
+        for flag, value in (("--per-class", args.per_class), ("--seed", args.seed)):
+            if value is not None:
+                raise UserError(f"{flag} is an option of 'vidssl shard report' only")
+    if verb == "report":
+        rest = items[1:]
+        if len(rest) != 1:
+            raise UserError(f"shard report: expected exactly one DATASET, got {len(rest)} arguments {rest}")
+        from vidssl.shard.report import make_report  # noqa: PLC0415
+
+        path = make_report(rest[0], args.output, per_class=4 if args.per_class is None else args.per_class,
+                           seed=args.seed or 0)
+        print(f"wrote {path}")
+        return 0
+    if verb is not None:
+        rest = items[1:]
         if len(rest) != 1:
             raise UserError(f"shard {verb}: expected exactly one OUTDIR, got {len(rest)} arguments {rest}")
         outdir = rest[0]
