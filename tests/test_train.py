@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 # A tiny pretraining config: 8-wide CNN, 4-frame windows at 32 px, batch 4, loader in-process.
 TINY = ["model.backbone_kwargs={width: 8}", "data.frames=4", "data.future=2", "data.stride=1", "data.gap_min=2",
         "data.gap_max=8", "data.crop_size=32", "data.batch_size=4", "data.workers=0", "data.flip=false",
-        "objectives.future.predictor_dim=32", "objectives.future.proj_dim=32", "objectives.contrast.proj_dim=32",
-        "objectives.contrast.proj_hidden=32", "train.warmup_steps=2", "train.lr=1e-3", "train.log_every=1",
+        "objectives.future.enabled=true", "objectives.future.predictor_dim=32", "objectives.future.proj_dim=32",
+        "objectives.contrast.proj_dim=32", "objectives.contrast.proj_hidden=32", "train.warmup_steps=2", "train.lr=1e-3", "train.log_every=1",
         "train.device=cpu", "run.progress=none", "train.plot=false"]
 
 
@@ -141,8 +141,8 @@ def test_zero3_with_an_ema_target_is_a_config_error():
     from vidssl.train.config import PretrainConfig
 
     with pytest.raises(ConfigError, match="zero_stage.*EMA"):
-        parse_config_args(PretrainConfig, ["deepspeed.zero_stage=3", "objectives.future.loss=regression",
-                                           "objectives.future.target_encoder=ema"])
+        parse_config_args(PretrainConfig, ["deepspeed.zero_stage=3", "objectives.future.enabled=true",
+                                           "objectives.future.loss=regression", "objectives.future.target_encoder=ema"])
 
 
 # ---- config errors fail fast, before any worker -------------------------------------------------
