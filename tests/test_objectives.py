@@ -316,21 +316,24 @@ def test_ssl_model_with_every_objective_switched_off_after_validation_is_a_confi
         SSLModel(SMALL, cfg)
 
 
-def test_future_infonce_with_other_window_hard_negatives():
-    """negatives=batch+other adds every step of the other windows (same videos, other times) as negatives:
-    the chance level grows accordingly, the positives keep their places, and gradients reach the keys."""
+@pytest.mark.parametrize("negatives", ["batch+other", "batch+reversed"])
+def test_future_infonce_with_hard_negatives(negatives):
+    """batch+other adds every step of the other windows (same videos, other times) as negatives, batch+reversed
+    every step of the future windows played backwards: the chance level grows accordingly, the positives keep
+    their places, and gradients reach the keys."""
     batch = make_batch(b=4)
     torch.manual_seed(0)
-    cfg = {"future": {"negatives": "batch+other"}, "contrast": {"enabled": False}}
+    cfg = {"future": {"negatives": negatives}, "contrast": {"enabled": False}}
     model = SSLModel(SMALL, ObjectivesConfig.from_dict(cfg))
     out = model(batch)
-    t_other = model.backbone.out_steps(batch["other"].shape[1])
-    assert out["future/chance"].item() == pytest.approx(math.log(4 * 1 + 4 * t_other))
+    f = model.backbone.out_steps(batch["future"].shape[1])
+    extra = model.backbone.out_steps(batch["other"].shape[1]) if negatives == "batch+other" else f
+    assert out["future/chance"].item() == pytest.approx(math.log(4 * f + 4 * extra))
     out["loss"].backward()
     assert all(p.grad is not None for p in model.trainable_parameters())
-    # Without the other window the option cannot work: a clear error names it.
-    with pytest.raises(InputShapeError, match="missing window 'other'"):
-        model({k: v for k, v in batch.items() if k != "other"})
+    if negatives == "batch+other":  # without the other window the option cannot work: a clear error names it
+        with pytest.raises(InputShapeError, match="missing window 'other'"):
+            model({k: v for k, v in batch.items() if k != "other"})
 
 
 def test_contrast_reversed_negatives_are_the_other_windows_played_backwards():
@@ -350,15 +353,3 @@ def test_contrast_reversed_negatives_are_the_other_windows_played_backwards():
     with torch.no_grad():
         loss = model(still)["contrast/loss"].item()
     assert loss >= math.log(2) - 1e-4
-
-
-def test_future_infonce_with_reversed_future_hard_negatives():
-    batch = make_batch(b=4)
-    torch.manual_seed(0)
-    cfg = {"future": {"negatives": "batch+reversed"}, "contrast": {"enabled": False}}
-    model = SSLModel(SMALL, ObjectivesConfig.from_dict(cfg))
-    out = model(batch)
-    f = model.backbone.out_steps(batch["future"].shape[1])
-    assert out["future/chance"].item() == pytest.approx(math.log(2 * 4 * f))
-    out["loss"].backward()
-    assert all(p.grad is not None for p in model.trainable_parameters())
