@@ -6,6 +6,10 @@ and L2-normalised ``(B, E)``. InfoNCE: each context embedding must pick its own 
 window among the other windows of **every clip in the global batch** (gathered across ranks with
 gradient, :func:`~vidssl.models.distributed.gather_with_grad`), and — with ``symmetric`` — the
 other way round. Chance loss is ``log(W*B)``; ``acc`` is the positive-retrieval accuracy.
+
+``negatives: batch+reversed`` adds, for the context → other direction, every other window played
+backwards: the same frames with the opposite motion, so the embedding must carry the direction of
+motion, not only what the video looks like (chance ``log(2*W*B)``). docs/ssl.md has the measurements.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from vidssl.models.objectives.views import Views
 __all__ = ["TemporalContrast", "contrastive_loss"]
 
 
-def contrastive_loss(a: torch.Tensor, b: torch.Tensor, temperature: float,
-                     symmetric: bool = True, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, temperature: float, symmetric: bool = True,
+                     extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """InfoNCE between paired embeddings ``a, b (B, E)`` (row i of ``a`` matches row i of ``b``).
 
     Keys are gathered from all ranks; the loss is the mean over this rank's rows (see
