@@ -2,9 +2,11 @@
 
 Fast on 2 CPU cores because everything that is not the question is cut away: the videos of two
 Moving Digits folders (``vidssl footage digits``) are decoded once into memory (cached next to
-labels.csv), SSL batches are cut from them in-process with the loader's sampling and augmentation
-rules (context + future from one draw, the other window from an independent draw with the same
-flip), a plain AdamW loop trains :class:`vidssl.models.SSLModel` (the same objectives ``vidssl
+labels.csv), SSL batches are cut from them in-process by a compact re-implementation of the
+loader's rules (context + future from one draw, the other window from an independent draw; random
+resized crop, brightness/contrast/saturation jitter, grayscale, channel order). It is not the
+loader's code (vidssl.data.augment differs in details such as a per-frame contrast mean and the
+draw order), which is why the chosen recipe is confirmed through ``vidssl demo``. A plain AdamW loop trains :class:`vidssl.models.SSLModel` (the same objectives ``vidssl
 pretrain`` runs), and the probe is a logistic regression on standardised frozen features (one
 centre clip per video, eval-mode backbone) of the *held-out* videos, for the motion and the digit
 label, at random initialisation and after pretraining. One line per run is appended to
