@@ -249,7 +249,7 @@ def save_png(img, path: str | os.PathLike) -> str:
     """Write ``img`` as PNG atomically (temporary file + rename); the folder must exist."""
     import io  # noqa: PLC0415
 
-    from vidssl.shard.writer import atomic_write_bytes  # noqa: PLC0415
+    from vidssl.fsio import atomic_write_bytes  # noqa: PLC0415
 
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)

@@ -320,7 +320,7 @@ def make_subset(dataset: str | Path, fraction: float, seed: int, out_dir: str | 
     os.mkdir(staging)
     try:
         from vidssl.shard.pipeline import library_versions  # noqa: PLC0415
-        from vidssl.shard.writer import atomic_write_bytes, atomic_write_json, fsync_dir  # noqa: PLC0415
+        from vidssl.fsio import atomic_write_bytes, atomic_write_json, fsync_dir  # noqa: PLC0415
 
         records = _write(src, index, chosen, staging)
         sub = {"source": src, "source_name": index.get("name"), **ident,

@@ -36,7 +36,8 @@ from typing import Any
 from vidssl.errors import UserError
 from vidssl.shard.config import ShardConfig
 from vidssl.shard.sources import InputItem, expand_sources, fingerprint, printable, resolve_labels, slug
-from vidssl.shard.writer import ShardWriter, atomic_write_bytes, atomic_write_json
+from vidssl.fsio import atomic_write_bytes, atomic_write_json
+from vidssl.shard.writer import ShardWriter
 
 log = logging.getLogger("vidssl.shard")
 

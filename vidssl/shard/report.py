@@ -164,7 +164,7 @@ def _figure(width: float = 4.2, height: float = 2.8):
 
 
 def _save_fig(fig, path: str) -> None:
-    from vidssl.shard.writer import atomic_write_bytes  # noqa: PLC0415
+    from vidssl.fsio import atomic_write_bytes  # noqa: PLC0415
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
@@ -209,7 +209,7 @@ def _thumbnail(meta: dict, data: bytes, path: str) -> list[int]:
     from PIL import Image  # noqa: PLC0415
 
     from vidssl.data.decode import make_decoder  # noqa: PLC0415
-    from vidssl.shard.writer import atomic_write_bytes  # noqa: PLC0415
+    from vidssl.fsio import atomic_write_bytes  # noqa: PLC0415
 
     n = int(meta["frames"])
     want = sorted({0, n // 2, n - 1})
@@ -271,7 +271,7 @@ window.addEventListener("load", function () {
 def make_report(dataset: str, outdir: str | None = None, per_class: int = 4, seed: int = 0,
                 timeout: float = 60.0) -> str:
     """Write ``OUTDIR/report.html`` and ``OUTDIR/img/*.png``; return the path of report.html."""
-    from vidssl.shard.writer import atomic_write_bytes  # noqa: PLC0415
+    from vidssl.fsio import atomic_write_bytes  # noqa: PLC0415
 
     if per_class < 0:
         raise UserError(f"--per-class: got {per_class}; allowed: >= 0 (0: no thumbnails)")

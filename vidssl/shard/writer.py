@@ -9,12 +9,14 @@ fixed metadata (mtime 0, uid/gid 0, no user/group names, mode 0644) and a fixed 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import tarfile
 import threading
 from typing import Any, BinaryIO
+
+from vidssl.fsio import fsync_dir
+
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads the archive end to a whole record
@@ -97,35 +99,6 @@ class _Sink:
     def stop(self) -> None:
         self._todo.put(None)
         self._thread.join()
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary name and rename (readers never see a partial file)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def member_bytes(size: int) -> int:
