@@ -152,19 +152,15 @@ def run_peek(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     from vidssl.data.index import open_index  # noqa: PLC0415
-    from vidssl.data.plan import ShardRef, plan_epoch  # noqa: PLC0415
+    from vidssl.data.plan import PlanSpec, shard_refs  # noqa: PLC0415
     from vidssl.errors import UserError  # noqa: PLC0415
 
     cfg = _config(args)
     if args.epoch < 0:
         raise UserError(f"--epoch: got {args.epoch}; allowed: >= 0")
-    shards = [ShardRef(d, name, url, n) for d, loc in enumerate(cfg.dataset)
-              for name, url, n in open_index(loc, cfg.read_timeout).shards]
+    shards = shard_refs([open_index(loc, cfg.read_timeout) for loc in cfg.dataset])
     try:
-        plan = plan_epoch(shards, seed=cfg.seed, epoch=args.epoch, world_size=args.world_size,
-                          workers=cfg.logical_workers, batch_size=cfg.batch_size, drop_last=cfg.drop_last,
-                          shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, weights=cfg.weights,
-                          resampled=cfg.resampled, steps_per_epoch=cfg.steps_per_epoch, ranks=[0])
+        plan = PlanSpec.from_config(cfg, args.world_size).plan(shards, args.epoch, ranks=[0])
     except ValueError as exc:
         raise UserError(f"data plan: {exc}") from None
     s = plan.summary()

@@ -25,8 +25,8 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["ShardRef", "Segment", "WorkerPlan", "EpochPlan", "plan_epoch", "worker_batch_counts",
-           "consumed_per_worker", "rank_batches"]
+__all__ = ["ShardRef", "Segment", "WorkerPlan", "EpochPlan", "PlanSpec", "plan_epoch", "shard_refs",
+           "worker_batch_counts", "consumed_per_worker", "rank_batches"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,52 @@ class ShardRef:
     name: str
     url: str
     samples: int
+
+
+def shard_refs(indexes: Sequence) -> list[ShardRef]:
+    """The global shard list of (mixed) datasets, in index order: what every plan refers to by position.
+    ``indexes``: :class:`~vidssl.data.index.DatasetIndex` objects, one per dataset."""
+    return [ShardRef(d, name, url, n) for d, ix in enumerate(indexes) for name, url, n in ix.shards]
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """Everything the epoch plan depends on besides the shard list and the epoch: built once from the
+    data config and the world size (:meth:`from_config`), used by the loader, ``vidssl data plan``
+    and the resume checks, so the settings are written in one place."""
+
+    seed: int
+    world_size: int
+    workers: int
+    batch_size: int
+    drop_last: bool = True
+    shuffle: bool = True
+    shuffle_buffer: int = 1
+    weights: tuple[float, ...] = ()
+    resampled: bool = False
+    steps_per_epoch: int = 0
+
+    #: Settings besides seed, world size, workers and batch size that a saved loader state records.
+    ORDER_SETTINGS = ("drop_last", "shuffle", "shuffle_buffer", "weights", "resampled", "steps_per_epoch")
+
+    @classmethod
+    def from_config(cls, cfg, world_size: int) -> "PlanSpec":
+        """From a :class:`~vidssl.data.config.DataConfig` (its ``logical_workers``) and the world size."""
+        return cls(seed=cfg.seed, world_size=world_size, workers=cfg.logical_workers, batch_size=cfg.batch_size,
+                   drop_last=cfg.drop_last, shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer,
+                   weights=tuple(float(w) for w in cfg.weights), resampled=cfg.resampled,
+                   steps_per_epoch=cfg.steps_per_epoch)
+
+    def plan(self, shards: Sequence[ShardRef], epoch: int, ranks: Sequence[int] | None = None) -> EpochPlan:
+        """:func:`plan_epoch` with these settings."""
+        return plan_epoch(shards, seed=self.seed, epoch=epoch, world_size=self.world_size, workers=self.workers,
+                          batch_size=self.batch_size, drop_last=self.drop_last, shuffle=self.shuffle,
+                          shuffle_buffer=self.shuffle_buffer, weights=self.weights, resampled=self.resampled,
+                          steps_per_epoch=self.steps_per_epoch, ranks=ranks)
+
+    def order_settings(self) -> dict:
+        """The :attr:`ORDER_SETTINGS` as plain JSON-able values (what a loader state saves and compares)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k in self.ORDER_SETTINGS for v in [getattr(self, k)]}
 
 
 @dataclass(frozen=True)

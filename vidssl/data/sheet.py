@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vidssl.data.windows import SSL_WINDOWS
+
 __all__ = ["SheetWindow", "SheetRow", "Layout", "rows_from_batch", "layout", "draw_sheet", "save_png",
            "auto_scale", "PAD", "HEADER_H", "FRAME_GAP", "WINDOW_GAP", "LABEL_H", "ROW_GAP", "LINE_H",
            "MARGIN_MIN", "BACKGROUND", "PADDING_RGB"]
@@ -101,7 +103,7 @@ def rows_from_batch(batch: dict[str, Any], classes: Sequence[str] = (), batch_nu
     labels = [int(v) for v in _np(batch["label"]).reshape(-1).tolist()] if "label" in batch else []
     valid = [bool(v) for v in _np(batch["valid"]).reshape(-1).tolist()] if "valid" in batch else []
     if "context" in batch:
-        names = [n for n in ("context", "future", "other") if n in batch]
+        names = [n for n in SSL_WINDOWS if n in batch]
         n_rows = len(batch[names[0]])
     elif "video" in batch:
         names = ["video"]

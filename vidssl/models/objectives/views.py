@@ -10,12 +10,14 @@ from typing import Mapping, Sequence
 
 import torch
 
+from vidssl.data.windows import SSL_WINDOWS
 from vidssl.models.base import InputShapeError, VideoBackbone, clips_to_input
 
 __all__ = ["Views", "WINDOWS"]
 
-# Names of the clip windows in an SSL batch (see vidssl.models.ssl.SSLModel.forward).
-WINDOWS = ("context", "future", "other")
+# Names of the clip windows in an SSL batch (see vidssl.models.ssl.SSLModel.forward); the loader
+# makes them from the same table.
+WINDOWS = SSL_WINDOWS
 
 
 class Views:
