@@ -485,7 +485,8 @@ def test_no_usable_sample_in_a_workers_plan_is_one_clear_line(dataset, tmp_path,
     loader.close()
 
 
-def test_undecodable_sample_is_skipped(dataset, tmp_path):
+@pytest.mark.parametrize("stage", ["worker", "main"])
+def test_undecodable_sample_is_skipped(dataset, tmp_path, stage):
     ds = tmp_path / "garbage"
     ds.mkdir()
     shutil.copy(dataset / "index.json", ds / "index.json")
@@ -499,10 +500,11 @@ def test_undecodable_sample_is_skipped(dataset, tmp_path):
                 m.size = len(blob)
                 dst.addfile(m, io.BytesIO(blob))
     loader = build_loader(cfg(ds, mode="clip", augment="none", max_error_fraction=0.5, drop_last=False,
-                              shuffle=False),
+                              shuffle=False, decode_stage=stage),
                           rank=0, world_size=1)
     batches = list(loader)
     assert loader.stats["errors"] == {"decode": 1}
+    assert loader.stats["error_shards"] == {tars[-1]: 1}  # attributed to its shard, whichever stage decoded
     assert sum((~b["valid"]).sum().item() for b in batches) == 2  # + one padding row
 
 

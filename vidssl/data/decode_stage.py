@@ -50,7 +50,7 @@ class DecodeStage:
                 rows.append(self.proc.finish(raw.sample, raw.dataset, self.epoch, raw.windows, frames))
                 valid.append(not raw.pad)
             except Exception as exc:  # noqa: BLE001 - counted skip
-                errors.append(SampleError("decode", "", raw.ordinal, f"sample {raw.sample.key}: {exc}"))
+                errors.append(SampleError("decode", raw.shard, raw.ordinal, f"sample {raw.sample.key}: {exc}"))
                 rows.append(None)
                 valid.append(False)
         good = [r for r in rows if r is not None] or ([self.last_good] if self.last_good is not None else [])
