@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 import traceback
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any, Callable, NamedTuple
 
 from vidssl.config import Config, ConfigError, dataclass, field, parse_config_args, spec
 from vidssl.errors import RuntimeFailure, UserError
+from vidssl.fsio import atomic_write_json
 from vidssl.footage.digits import DigitsConfig
 from vidssl.shard.config import ShardConfig
 from vidssl.data.config import DataConfig
@@ -320,9 +320,7 @@ def read_state(out: str | Path) -> dict:
 
 def write_state(out: str | Path, state: dict) -> None:
     path = demo_paths(out)["state"]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, state)
 
 
 def check_resumable(cfg: DemoConfig, state: dict) -> None:

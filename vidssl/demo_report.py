@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from vidssl.fsio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("vidssl.demo")
 
@@ -180,13 +181,8 @@ def write_demo_report(cfg, state: dict) -> dict[str, Any]:
         "settings": cfg.to_dict(),
     }
     paths["out"].mkdir(parents=True, exist_ok=True)
-    tmp = paths["report_json"].with_name("report.json.tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, paths["report_json"])
-    md = _markdown(report, percent_name)
-    tmp = paths["report_md"].with_name("report.md.tmp")
-    tmp.write_text(md, encoding="utf-8")
-    os.replace(tmp, paths["report_md"])
+    atomic_write_json(paths["report_json"], report)
+    atomic_write_text(paths["report_md"], _markdown(report, percent_name))
     return report
 
 

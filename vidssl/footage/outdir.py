@@ -18,11 +18,11 @@ import csv
 import io
 import itertools
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from vidssl.errors import UserError
+from vidssl.fsio import atomic_write_json, atomic_write_text
 
 MARKER = "footage.json"
 FORMAT = "vidssl-footage"
@@ -124,18 +124,8 @@ def prepare_outdir(outdir: str | Path, *, kind: str, settings: Mapping[str, Any]
         raise UserError(f"OUTDIR {str(out)!r}: cannot create it: {exc.strerror or exc}") from None
     marker = {"format": FORMAT, "version": 1, "kind": kind, "complete_when": LABELS,
               "settings": dict(settings)}
-    write_atomic(out / MARKER, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(out / MARKER, marker, indent=2, sort_keys=True)
     return out
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary name and a rename (no half-written final file)."""
-    tmp = path.with_name(path.name + PART)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_labels(outdir: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Path:
@@ -146,7 +136,7 @@ def write_labels(outdir: Path, columns: Sequence[str], rows: Sequence[Mapping[st
     for row in rows:
         w.writerow(row)
     path = Path(outdir) / LABELS
-    write_atomic(path, buf.getvalue().encode("utf-8"))
+    atomic_write_text(path, buf.getvalue())
     return path
 
 

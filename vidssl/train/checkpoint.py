@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vidssl.errors import UserError
+from vidssl.fsio import fsync_dir
 
 log = logging.getLogger("vidssl.train")
 
@@ -163,15 +164,7 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 class Checkpointer:
@@ -213,7 +206,7 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 tmp.rename(final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             for _s, d in complete_checkpoints(self.root)[:-self.keep]:
                 shutil.rmtree(d, ignore_errors=True)
             log.info("checkpoint %s written in %.1fs", final, time.perf_counter() - t)
