@@ -9,7 +9,6 @@ kNN monitor. Both work in one process or on every rank of a process group (rows 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from vidssl.data.config import DataConfig
+from vidssl.fsio import atomic_write_json
 
 log = logging.getLogger("vidssl.eval")
 
@@ -94,9 +94,7 @@ def write_report(report: dict[str, Any], out_dir: Path, name: str = "eval") -> d
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, report)
     png = plot_confusion(report["confusion"], report["classes"], out_dir / f"{name}_confusion.png",
                          title=f"top-1 {report['top1']:.3f}, mean class {report['mean_class_acc']:.3f}")
     return {"json": str(path), "png": str(png)}

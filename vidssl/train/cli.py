@@ -16,11 +16,13 @@ are accepted before or after the verb.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 from pathlib import Path
 
 from vidssl.errors import UserError
+from vidssl.fsio import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("vidssl.train")
 
@@ -246,14 +248,14 @@ def export_run(run: str, *, step: int | None = None, output: str | None = None) 
         output = str(run_dir / "export" / f"backbone-{ckpt.name}.pt")
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(sd, tmp)
-    tmp.replace(out)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    atomic_write_bytes(out, buf.getvalue())
     side = out.with_suffix(".yaml")
-    side.write_text(yaml.safe_dump({
+    atomic_write_text(side, yaml.safe_dump({
         "model": model_cfg, "source": {"checkpoint": str(ckpt), "step": meta.get("step"),
                                        "precision": meta.get("precision"), "zero_stage": meta.get("zero_stage"),
-                                       "git": git_sha()}}, sort_keys=False), encoding="utf-8")
+                                       "git": git_sha()}}, sort_keys=False))
     return {"file": str(out), "config": str(side), "checkpoint": str(ckpt), "tensors": len(sd),
             "parameters": sum(v.numel() for v in sd.values()), "backbone": model_cfg.get("backbone")}
 

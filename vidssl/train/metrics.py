@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vidssl.fsio import atomic_write_text
+
 log = logging.getLogger("vidssl.train")
 
 __all__ = ["open_metrics", "Metrics", "NullMetrics", "read_metrics", "plot_curves"]
@@ -57,9 +59,7 @@ class Metrics(NullMetrics):
         self.path = run_dir / "metrics.jsonl"
         # Keep the rows up to the resumed step; a fresh run starts an empty file.
         kept = [r for r in read_metrics(self.path) if start_step > 0 and r.get("step", math.inf) <= start_step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
