@@ -3,7 +3,8 @@
 Public API (imported lazily, so ``vidssl.models.config`` can be used without importing torch):
 
 - :func:`build_backbone` ``(name, *, weights_path=None, **options) -> VideoBackbone`` and
-  :func:`available_backbones`; :func:`build_backbone_from_config` ``(ModelConfig)``.
+  :func:`available_backbones`, :func:`builtin_backbones`; :func:`build_backbone_from_config` ``(ModelConfig)``;
+  :func:`register_backbone` ``(name, *, replace=False)`` (a taken name raises :class:`RegistryError`).
 - :class:`VideoBackbone`: ``forward_features(x (B,C,T,H,W)) -> (B,T',D)``, ``forward_pooled -> (B,D)``,
   ``forward_tokens -> (B,T',N,D)``, ``embed_dim``, ``out_steps(T)``.
 - :func:`clips_to_input`: loader uint8 ``(B,T,C,H,W)`` → normalised float ``(B,C,T,H,W)`` on device.
@@ -24,6 +25,8 @@ _EXPORTS = {
     "build_backbone": "vidssl.models.registry",
     "available_backbones": "vidssl.models.registry",
     "register_backbone": "vidssl.models.registry",
+    "builtin_backbones": "vidssl.models.registry",
+    "RegistryError": "vidssl.models.registry",
     "load_weights": "vidssl.models.registry",
     "VideoBackbone": "vidssl.models.base",
     "InputShapeError": "vidssl.models.base",

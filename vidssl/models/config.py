@@ -1,6 +1,7 @@
 """Config sections of the model code: ``model`` (:class:`ModelConfig`) and ``objectives`` (:class:`ObjectivesConfig`).
 
-Importing this module does not import torch (backbone names come from the registry's static list).
+Importing this module does not import torch (backbone names come from the registry's static list,
+``registry._BUILTIN``, the one place built-in names are listed).
 Each component receives its own section: backbones and heads get ``ModelConfig``, the SSL model
 gets ``ModelConfig`` + ``ObjectivesConfig``, each objective its ``FutureConfig`` / ``ContrastConfig``.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from vidssl.config import Config, ConfigError, dataclass, field, spec
-from vidssl.models.registry import available_backbones
+from vidssl.models.registry import available_backbones, builtin_backbones
 
 __all__ = ["HeadConfig", "ModelConfig", "FutureConfig", "ContrastConfig", "ObjectivesConfig"]
 
@@ -40,7 +41,8 @@ class ModelConfig(Config):
     """The backbone (by registry name), its options, input normalisation and the classification head."""
 
     backbone: str = field(default="cnn3d_small", metadata=spec(
-        help="registered backbone: cnn3d_small, r3d_18, r2plus1d_18, mc3_18, vit_tiny, vit_small, vit_base"))
+        help=f"backbone name: built-in {', '.join(builtin_backbones())}; or one registered with "
+             f"vidssl.models.register_backbone (e.g. in a run.imports module)"))
     backbone_kwargs: dict[str, Any] = field(default_factory=dict, metadata=spec(
         help="options of the backbone (e.g. vit: pos_embed, num_frames, img_size, drop_path; "
              "cnn3d_small: width, norm); checked when the model is built"))

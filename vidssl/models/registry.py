@@ -2,7 +2,8 @@
 
 The names of the built-in backbones are known without importing torch (so configs can be
 validated cheaply); their modules are imported on first use. Third-party code may add more with
-:func:`register_backbone`.
+:func:`register_backbone`; a name is registered once (built-in names included) unless the caller
+passes ``replace=True``.
 
 Usage::
 
@@ -17,17 +18,21 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+import yaml
 
 from vidssl.config import ConfigError
 from vidssl.errors import UserError
 
-__all__ = ["register_backbone", "build_backbone", "available_backbones", "backbone_options",
-           "OptionError", "load_weights", "load_state"]
+__all__ = ["register_backbone", "build_backbone", "available_backbones", "builtin_backbones", "backbone_options",
+           "OptionError", "RegistryError", "load_weights", "load_state"]
 
 # Built-in backbones: name → module that registers it on import. Kept as plain strings so that
-# listing names (config validation, --help) does not import torch.
+# listing names (config validation, --help) does not import torch. The one list of built-in names:
+# help texts derive from it through ``builtin_backbones``.
 _BUILTIN: dict[str, str] = {
     "cnn3d_small": "vidssl.models.cnn3d",
     "r3d_18": "vidssl.models.resnet3d",
@@ -39,6 +44,12 @@ _BUILTIN: dict[str, str] = {
 }
 
 _BUILDERS: dict[str, Callable[..., Any]] = {}
+# name → (where its builder comes from, registered with replace=True); for error messages and so that
+# a built-in module imported after an explicit replacement keeps the replacement.
+_ORIGINS: dict[str, tuple[str, bool]] = {}
+
+# Names go into config keys and values (``model.backbone=NAME``, YAML, comma-separated CLI lists).
+_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 
 class OptionError(ValueError):
@@ -53,11 +64,53 @@ class OptionError(ValueError):
         self.message = message
 
 
-def register_backbone(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register ``builder(**options) -> VideoBackbone`` under ``name``."""
+class RegistryError(UserError, ValueError):
+    """A backbone name that cannot be registered: invalid, or already taken (the message says by what)."""
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise RegistryError(f"register_backbone: name {name!r} is a {type(name).__name__}; expected a str")
+    if not _NAME_RE.fullmatch(name):
+        raise RegistryError(f"register_backbone: invalid backbone name {name!r}; expected a letter followed by "
+                            f"letters, digits, '_' or '-' (no whitespace, dots or other punctuation: the name is "
+                            f"used in config values such as model.backbone={name or 'NAME'})")
+    if yaml.safe_load(name) != name:
+        raise RegistryError(f"register_backbone: invalid backbone name {name!r}; YAML reads it as "
+                            f"{yaml.safe_load(name)!r}, so 'backbone: {name}' in a config file would not name it")
+    return name
+
+
+def _where(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', None) or repr(fn)}"
+
+
+def register_backbone(name: str, *, replace: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register ``builder(**options) -> VideoBackbone`` under ``name``.
+
+    ``name``: a letter, then letters, digits, ``_`` or ``-``. A name already registered, or a built-in
+    name (see :func:`builtin_backbones`, even before its module is imported), raises
+    :class:`RegistryError` naming where the existing backbone comes from, unless ``replace=True``.
+    An explicit replacement of a built-in name survives a later import of the built-in module.
+    """
+    _check_name(name)
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        own_builtin = _BUILTIN.get(name) is not None and getattr(fn, "__module__", None) == _BUILTIN[name]
+        if name in _BUILDERS:
+            origin, replaced = _ORIGINS.get(name, (_where(_BUILDERS[name]), False))
+            if own_builtin and replaced and not replace:
+                return fn  # the built-in module imported after a user's explicit replacement: keep that
+            if not replace:
+                raise RegistryError(f"register_backbone: backbone {name!r} is already registered by {origin}; "
+                                    f"{_where(fn)} cannot register it again. Choose another name, or pass "
+                                    f"register_backbone({name!r}, replace=True) to replace it")
+        elif name in _BUILTIN and not own_builtin and not replace:
+            raise RegistryError(f"register_backbone: {name!r} is a built-in backbone (from {_BUILTIN[name]}); "
+                                f"{_where(fn)} cannot register it. Choose another name, or pass "
+                                f"register_backbone({name!r}, replace=True) to replace the built-in")
         _BUILDERS[name] = fn
+        _ORIGINS[name] = (_where(fn), replace and not own_builtin)
         return fn
 
     return deco
@@ -66,6 +119,12 @@ def register_backbone(name: str) -> Callable[[Callable[..., Any]], Callable[...,
 def available_backbones() -> list[str]:
     """Names accepted by :func:`build_backbone` (built-in and registered), sorted."""
     return sorted(set(_BUILTIN) | set(_BUILDERS))
+
+
+def builtin_backbones(module: str | None = None) -> list[str]:
+    """Names of the built-in backbones in their listing order (only those of ``module``, e.g.
+    ``"vidssl.models.resnet3d"``, if given). Does not import torch."""
+    return [n for n, m in _BUILTIN.items() if module is None or m == module]
 
 
 def _builder(name: str) -> Callable[..., Any]:

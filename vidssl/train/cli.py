@@ -31,6 +31,7 @@ __all__ = ["register", "run_pretrain", "dry_run", "export_run"]
 
 def register(sub) -> None:
     from vidssl.cli import add_command  # noqa: PLC0415
+    from vidssl.models.registry import builtin_backbones  # noqa: PLC0415
 
     p = add_command(sub, "pretrain", help="self-supervised pretraining with DeepSpeed (CPU, GPUs, nodes, SLURM)",
                     description=__doc__)
@@ -45,9 +46,10 @@ def register(sub) -> None:
     e = add_command(sub, "export", help="write a run's backbone as a consolidated fp32 state dict",
                     description="Consolidate a checkpoint (sharded under ZeRO, bf16 or fp32) into a plain fp32 "
                                 "state dict of the backbone (loads with torch.load(weights_only=True)), plus "
-                                "FILE.yaml with the model config. torchvision backbones (r3d_18, r2plus1d_18, "
-                                "mc3_18) load with strict=True into torchvision's model once its classifier is "
-                                "replaced: m = r3d_18(); m.fc = torch.nn.Identity(); m.load_state_dict(sd).")
+                                "FILE.yaml with the model config. torchvision backbones "
+                                f"({', '.join(builtin_backbones('vidssl.models.resnet3d'))}) load with "
+                                "strict=True into torchvision's model once its classifier is replaced: "
+                                "m = r3d_18(); m.fc = torch.nn.Identity(); m.load_state_dict(sd).")
     e.add_argument("run", help="run folder (runs/NAME) or one checkpoint folder")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     e.add_argument("-o", "--output", default=None,
