@@ -303,7 +303,7 @@ def _register_nan_backbone(name: str, bad_calls: set[int] | None):
                 out = out * float("nan")
             return out
 
-    register_backbone(name)(lambda *, width=8: NanCNN(width=width))
+    register_backbone(name, replace=True)(lambda *, width=8: NanCNN(width=width))
 
 
 def test_a_nan_loss_skips_that_step_and_training_goes_on(tmp_path, ssl_shards, capsys):
