@@ -206,6 +206,22 @@ def test_direct_construction_and_assignment_are_validated():
     assert t.steps == 7
 
 
+def test_cross_field_checks_hold_on_assignment():
+    from vidssl.data import DataConfig
+
+    cfg = DataConfig(dataset="x")
+    with pytest.raises(ConfigError, match="decode_device: got 'cuda' with decode_stage 'worker'"):
+        cfg.decode_device = "cuda"  # once accepted, then silently decoded on the CPU
+    assert cfg.decode_device == "cpu"  # the refused assignment left the section as it was
+    cfg.decode_stage = "main"
+    cfg.decode_device = "cuda"
+    with pytest.raises(ConfigError, match="decode_stage=main"):
+        cfg.decode_stage = "worker"
+    assert (cfg.decode_stage, cfg.decode_device) == ("main", "cuda")
+    with pytest.raises(ConfigError, match="gap_min"):
+        cfg.gap_min = cfg.gap_max + 1
+
+
 def test_replace_and_field_help():
     cfg = RootConfig().replace(seed=9)
     assert cfg.seed == 9

@@ -281,6 +281,7 @@ class Config:
             _check_bounds(value, f.metadata, key)
             object.__setattr__(self, f.name, value)
         self.validate()
+        object.__setattr__(self, "_validated", True)  # from now on assignments re-run validate()
 
     def validate(self) -> None:
         """Cross-field checks; override in subclasses."""
@@ -356,7 +357,21 @@ class Config:
         hints = typing.get_type_hints(type(self))
         value = _coerce(value, hints[name], key)
         _check_bounds(value, f.metadata, key)
+        if not self.__dict__.get("_validated"):  # during construction: __post_init__ validates once
+            object.__setattr__(self, name, value)
+            return
+        # The cross-field checks hold however a config is changed: an assignment that breaks one
+        # is refused and leaves the section as it was.
+        old = self.__dict__.get(name, dataclasses.MISSING)
         object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except BaseException:
+            if old is dataclasses.MISSING:
+                object.__delattr__(self, name)
+            else:
+                object.__setattr__(self, name, old)
+            raise
 
     @classmethod
     def field_help(cls) -> list[tuple[str, str, Any, str]]:
