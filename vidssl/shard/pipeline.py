@@ -5,10 +5,10 @@ Data flow (each arrow a bounded hand-over)::
     items (ordered, this job's share)
       │  parent dispatches at most ``window`` inputs ahead of the writer
       ▼
-    WorkerPool: one process per worker, one input at a time, killed+replaced on timeout
-      │  result = sample metadata + paths of encoded clips in OUTDIR/.vidssl-shard/tmp-*/
+    WorkerPool: one process per worker, one input (a ShardTask) at a time, killed+replaced on timeout
+      │  InputResult = sample metadata + paths of encoded clips in OUTDIR/.vidssl-shard/tmp-*/
       ▼
-    reorder buffer (dict by input position, ≤ window entries) → ShardWriter in input order
+    reorder buffer (dict by input position, ≤ window entries) → _ShardSink → ShardWriter, in input order
       │  each commit appends one line to the job journal (fsynced) …
       ▼
     … which is what a rerun resumes from: committed shards are kept, the rest is redone.
@@ -26,9 +26,9 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
@@ -36,7 +36,8 @@ from typing import Any
 from vidssl.errors import UserError
 from vidssl.shard.config import ShardConfig
 from vidssl.shard.sources import InputItem, expand_sources, fingerprint, printable, resolve_labels, slug
-from vidssl.fsio import atomic_write_bytes, atomic_write_json
+from vidssl.fsio import atomic_write_bytes, atomic_write_json, unlink_quiet
+from vidssl.shard.tasks import InputResult, Sample, ShardTask
 from vidssl.shard.writer import ShardWriter
 
 log = logging.getLogger("vidssl.shard")
@@ -47,6 +48,9 @@ STATE_DIR = ".vidssl-shard"
 
 
 # ---- worker processes ---------------------------------------------------------------------------
+# parent → worker: a pickled ShardTask (None: exit); worker → parent: a pickled InputResult whose
+# samples name clip files in the temp area (vidssl.shard.tasks; the worker side is worker.py and
+# transcode.process_input). A worker that dies or overruns the timeout yields a made-up result.
 
 class _Worker:
     def __init__(self) -> None:
@@ -64,7 +68,7 @@ class _Worker:
         theirs.close()
         self.conn = Connection(ours.detach())
         self.pos: int | None = None  # input position being worked on
-        self.task: dict[str, Any] | None = None
+        self.task: ShardTask | None = None
         self.started = 0.0
 
     def kill(self) -> None:
@@ -100,7 +104,7 @@ class WorkerPool:
             return w
         return None
 
-    def submit(self, worker: _Worker, pos: int, task: dict[str, Any]) -> None:
+    def submit(self, worker: _Worker, pos: int, task: ShardTask) -> None:
         worker.conn.send(task)
         worker.pos, worker.task, worker.started = pos, task, time.monotonic()
 
@@ -108,7 +112,7 @@ class WorkerPool:
         w.kill()
         self.workers.remove(w)
 
-    def poll(self, max_wait: float) -> list[tuple[int, dict[str, Any]]]:
+    def poll(self, max_wait: float) -> list[tuple[int, InputResult]]:
         """Results ready within ``max_wait`` seconds, including timeout/crash records."""
         busy = [w for w in self.workers if w.pos is not None]
         if not busy:
@@ -135,13 +139,13 @@ class WorkerPool:
                         code = None
                     self._replace(w)
                     _remove_task_files(task)
-                    out.append((pos, _error_result(task, "decode", f"worker process died while handling this "
-                                                                    f"input (exit code {code}); input rejected")))
+                    out.append((pos, InputResult.rejected(task.index, "decode", "worker process died while "
+                                                          f"handling this input (exit code {code}); input rejected")))
             elif now - w.started >= self.timeout:
                 self._replace(w)
                 _remove_task_files(task)
-                out.append((pos, _error_result(task, "timeout", f"no result after {self.timeout:g}s; "
-                                                                 "the worker was killed and replaced")))
+                out.append((pos, InputResult.rejected(task.index, "timeout", f"no result after {self.timeout:g}s; "
+                                                                             "the worker was killed and replaced")))
         return out
 
     def close(self) -> None:
@@ -162,17 +166,10 @@ class WorkerPool:
         self.workers = []
 
 
-def _error_result(task: dict[str, Any], stage: str, reason: str) -> dict[str, Any]:
-    return {"index": task["index"], "samples": [], "errors": [{"stage": stage, "reason": reason}],
-            "skipped": False}
-
-
-def _remove_task_files(task: dict[str, Any]) -> None:
-    for path in glob.glob(os.path.join(glob.escape(task["tmpdir"]), f"{task['index']:08d}-*")):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+def _remove_task_files(task: ShardTask) -> None:
+    """The clip files of a worker that died or was killed (ShardTask.clip_path names them)."""
+    for path in glob.glob(os.path.join(glob.escape(task.tmpdir), f"{task.index:08d}-*")):
+        unlink_quiet(path)
 
 
 # ---- settings, journal, resume ------------------------------------------------------------------
@@ -245,19 +242,12 @@ def _clear_outdir(outdir: str) -> None:
         names |= {r["shard"]["name"] for r in recs if "shard" in r}
     for name in names:
         if isinstance(name, str) and "/" not in name:
-            _unlink(os.path.join(outdir, name))
+            unlink_quiet(os.path.join(outdir, name))
     for path in glob.glob(os.path.join(glob.escape(outdir), ".*.tar.partial")):
-        _unlink(path)
+        unlink_quiet(path)
     for name in ("index.json", "errors.jsonl"):
-        _unlink(os.path.join(outdir, name))
+        unlink_quiet(os.path.join(outdir, name))
     shutil.rmtree(os.path.join(outdir, STATE_DIR), ignore_errors=True)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _load_json(path: str) -> Any:
@@ -330,15 +320,6 @@ def _check_args(cfg: ShardConfig) -> tuple[str, str]:
     return outdir, prefix
 
 
-def _task(cfg: ShardConfig, item: InputItem, pos: int, label: tuple[int, str | None], tmpdir: str) -> dict[str, Any]:
-    return {"index": pos, "path": item.path, "start": item.start, "end": item.end, "strict": item.strict,
-            "label": label[0], "label_name": label[1], "extra": item.extra, "tmpdir": tmpdir,
-            "clip_seconds": cfg.clip_seconds, "clip_stride": cfg.clip_stride, "min_seconds": cfg.min_seconds,
-            "short_side": cfg.short_side, "fps": cfg.fps, "codec": cfg.codec, "encoder": cfg.encoder,
-            "crf": cfg.crf, "preset": cfg.preset, "gop": cfg.gop, "bframes": cfg.bframes,
-            "threads": cfg.threads, "copy": cfg.copy}
-
-
 def run_shard(cfg: ShardConfig) -> dict[str, Any]:
     """Shard ``cfg.sources`` into ``cfg.output``; resumes a previous run of the same settings.
 
@@ -390,14 +371,14 @@ def _run_shard(cfg: ShardConfig, t_start: float, outdir: str, prefix: str, items
         header, commits = None, []
     os.makedirs(state, exist_ok=True)
     if header is None:
-        _unlink(journal)
+        unlink_quiet(journal)
         _append_line(journal, {"settings": settings})
     tag = _job_tag(cfg)
     tmpdir = os.path.join(state, f"tmp{tag or '-j0000'}")
     shutil.rmtree(tmpdir, ignore_errors=True)
     os.makedirs(tmpdir)
     for path in glob.glob(os.path.join(glob.escape(outdir), f".{glob.escape(prefix)}{tag}-*.tar.partial")):
-        _unlink(path)
+        unlink_quiet(path)
 
     # Resume: keep committed shards that are still intact on disk; redo from the first that is not.
     kept: list[dict[str, Any]] = []
@@ -422,8 +403,10 @@ def _run_shard(cfg: ShardConfig, t_start: float, outdir: str, prefix: str, items
 
     summary: dict[str, Any]
     if not finished:
-        skipped += _run_inputs(cfg, items, labels, mine, outdir, prefix, tag, tmpdir, journal, shards, errors,
-                               start_pos, skip_clips, pool)
+        job = _JobInputs(cfg=cfg, items=items, labels=labels, mine=mine, outdir=outdir, prefix=prefix, tag=tag,
+                         tmpdir=tmpdir, journal=journal)
+        new = _run_inputs(job, pool, start_pos=start_pos, skip_clips=skip_clips, first_shard=len(shards))
+        shards, errors, skipped = shards + new.shards, errors + new.errors, skipped + new.skipped
     shutil.rmtree(tmpdir, ignore_errors=True)
 
     job_record = {"job_index": cfg.job_index, "num_jobs": cfg.num_jobs, "settings": settings, "classes": classes,
@@ -449,108 +432,169 @@ def _run_shard(cfg: ShardConfig, t_start: float, outdir: str, prefix: str, items
     return summary
 
 
-def _run_inputs(cfg, items, labels, mine, outdir, prefix, tag, tmpdir, journal, shards, errors,
-                start_pos, skip_clips, pool: WorkerPool) -> int:
-    """The main loop: dispatch, reorder, write shards, journal each commit. Returns skipped count.
-    ``pool`` is closed by the caller."""
+# ---- the input loop -----------------------------------------------------------------------------
+# parent → WorkerPool: a ShardTask per input (at most ``window`` ahead of the writer);
+# WorkerPool → reorder buffer: an InputResult per input, in completion order;
+# reorder buffer → _ShardSink, in input order: samples into ShardWriter tars, and one journal line
+# per commit: {"next": [pos, clip], "errors": [...], "skipped": n, "shard": {...}?, "final": true?}.
+
+@dataclass(frozen=True)
+class _JobInputs:
+    """This job's share of the inputs and where its output goes (fixed for the whole run)."""
+
+    cfg: ShardConfig
+    items: list[InputItem]  # every input of the run, in SOURCE order
+    labels: list[tuple[int, str | None]]  # (class index, class name) per item
+    mine: list[int]  # indices into ``items`` of this job's inputs; a "pos" is an index into ``mine``
+    outdir: str
+    prefix: str  # shard names are {prefix}{tag}-{n:06d}.tar
+    tag: str  # "-jNNNN" in a multi-job run, "" otherwise
+    tmpdir: str  # where workers write clip files
+    journal: str  # this job's journal (one line per commit)
+
+
+@dataclass(frozen=True)
+class _Committed:
+    """What one run of the input loop committed (to be added to what a resumed run kept)."""
+
+    shards: list[dict[str, Any]]  # shard records, as journalled and listed in index.json
+    errors: list[dict[str, Any]]  # error records, as journalled (with "source" and "_input")
+    skipped: int  # non-video files skipped
+
+
+class _ShardSink:
+    """Input results, in input order → shard tars → one journal line per commit.
+
+    A commit closes the open shard (if any) and journals it together with the error records and
+    skips seen since the previous commit and the (input position, clip) to resume from.
+    """
+
+    def __init__(self, job: _JobInputs, *, first_shard: int, start_pos: int, skip_clips: int) -> None:
+        self.job = job
+        self.first_shard = first_shard  # shards already committed by an earlier run
+        self.start_pos, self.skip_clips = start_pos, skip_clips  # clips of start_pos already in a shard
+        self.shard_bytes, self.shard_samples = job.cfg.shard_bytes, job.cfg.shard_samples
+        self.writer: ShardWriter | None = None
+        self.pending_errors: list[dict[str, Any]] = []
+        self.pending_skipped = 0
+        self.shards: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+        self.skipped = 0
+
+    def committed(self) -> _Committed:
+        return _Committed(shards=list(self.shards), errors=list(self.errors), skipped=self.skipped)
+
+    def add(self, pos: int, result: InputResult) -> None:
+        """Write the samples of the input at ``pos`` and note its errors (for the next commit)."""
+        item = self.job.items[self.job.mine[pos]]
+        samples = result.samples
+        first = self.skip_clips if pos == self.start_pos else 0
+        for s in samples[:first]:  # already in a committed shard
+            if s.owned:
+                unlink_quiet(s.file)
+        for j in range(first, len(samples)):
+            self._add_sample(pos, j, samples[j])
+        for e in result.errors:
+            # printable: a non-UTF-8 file name must not break errors.jsonl or the journal
+            rec = {"source": printable(item.path), **{k: printable(v) if isinstance(v, str) else v
+                                                       for k, v in e.items()}, "_input": self.job.mine[pos]}
+            self.pending_errors.append(rec)
+        if result.skipped:
+            self.pending_skipped += 1
+
+    def _add_sample(self, pos: int, j: int, sample: Sample) -> None:
+        meta = sample.meta
+        meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        cls = str(meta["label"]).encode() if meta["label"] >= 0 else None
+        extra = ShardWriter.sample_bytes(meta_json, sample.size, cls)
+        if self.writer is not None and (self.writer.samples >= self.shard_samples
+                                        or self.writer.final_size_if_added(extra) > self.shard_bytes):
+            self.commit((pos, j))
+        if self.writer is None:
+            self.writer = ShardWriter(self.job.outdir, self._shard_name())
+        self.writer.add(meta["key"], meta_json, sample.file, cls, meta["frames"], meta["frames"] / meta["fps"])
+        if sample.owned:  # not the source file itself (verbatim stream copy)
+            unlink_quiet(sample.file)
+
+    def _shard_name(self) -> str:
+        return f"{self.job.prefix}{self.job.tag}-{self.first_shard + len(self.shards):06d}.tar"
+
+    def commit(self, next_pos: tuple[int, int], final: bool = False) -> None:
+        """Close the open shard and journal it; a rerun resumes at ``next_pos`` (input, clip)."""
+        rec: dict[str, Any] = {"next": list(next_pos), "errors": list(self.pending_errors),
+                               "skipped": self.pending_skipped}
+        if self.writer is not None:
+            rec["shard"] = self.writer.commit()
+            self.shards.append(rec["shard"])
+            self.writer = None
+        if final:
+            rec["final"] = True
+        _append_line(self.job.journal, rec)
+        self.errors.extend(self.pending_errors)
+        self.pending_errors.clear()
+        self.skipped += self.pending_skipped
+        self.pending_skipped = 0
+
+    def abort(self) -> None:
+        """Drop the open shard (its partial file); committed shards stay."""
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def _input_bytes(item: InputItem, result: InputResult) -> int:
+    """Source bytes an input contributed (for the progress rate): its size when it gave samples."""
+    try:
+        return os.path.getsize(item.path) if result.samples else 0
+    except OSError:
+        return 0
+
+
+def _run_inputs(job: _JobInputs, pool: WorkerPool, *, start_pos: int, skip_clips: int,
+                first_shard: int) -> _Committed:
+    """The main loop: dispatch, reorder, write shards, journal each commit. Starts at input
+    ``start_pos`` (its first ``skip_clips`` clips and ``first_shard`` shards are already
+    committed); returns what it committed. ``pool`` is closed here and by the caller."""
+    cfg, mine = job.cfg, job.mine
     n_workers = min(cfg.n_workers, max(1, len(mine) - start_pos))
     pool.n = n_workers
     window = max(4, 3 * n_workers)  # inputs in flight or finished but not yet written
     progress = _Progress(cfg, len(mine), start_pos)
-    shard_bytes, shard_samples = cfg.shard_bytes, cfg.shard_samples
-    results: dict[int, dict[str, Any]] = {}
-    pending_errors: list[dict[str, Any]] = []
-    writer: ShardWriter | None = None
-    state = {"skipped": 0, "pending_skipped": 0}
+    sink = _ShardSink(job, first_shard=first_shard, start_pos=start_pos, skip_clips=skip_clips)
+    results: dict[int, InputResult] = {}  # the reorder buffer, by input position
     next_issue = next_write = start_pos
-
-    def shard_name() -> str:
-        return f"{prefix}{tag}-{len(shards):06d}.tar"
-
-    def commit(next_pos: tuple[int, int], final: bool = False) -> None:
-        nonlocal writer
-        rec: dict[str, Any] = {"next": list(next_pos), "errors": list(pending_errors),
-                               "skipped": state["pending_skipped"]}
-        if writer is not None:
-            rec["shard"] = writer.commit()
-            shards.append(rec["shard"])
-            writer = None
-        if final:
-            rec["final"] = True
-        _append_line(journal, rec)
-        errors.extend(pending_errors)
-        pending_errors.clear()
-        state["skipped"] += state["pending_skipped"]
-        state["pending_skipped"] = 0
-
-    def consume(pos: int, result: dict[str, Any]) -> None:
-        nonlocal writer
-        item = items[mine[pos]]
-        samples = result["samples"]
-        if pos == start_pos and skip_clips:
-            for s in samples[:skip_clips]:  # already in a committed shard
-                if s.get("owned", True):
-                    _unlink(s["file"])
-            samples_iter = list(enumerate(samples))[skip_clips:]
-        else:
-            samples_iter = list(enumerate(samples))
-        for j, sample in samples_iter:
-            meta = sample["meta"]
-            meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
-            cls = str(meta["label"]).encode() if meta["label"] >= 0 else None
-            extra = ShardWriter.sample_bytes(meta_json, sample["bytes"], cls)
-            if writer is not None and (writer.samples >= shard_samples
-                                       or writer.final_size_if_added(extra) > shard_bytes):
-                commit((pos, j))
-            if writer is None:
-                writer = ShardWriter(outdir, shard_name())
-            writer.add(meta["key"], meta_json, sample["file"], cls, meta["frames"], meta["frames"] / meta["fps"])
-            if sample.get("owned", True):  # not the source file itself (verbatim stream copy)
-                _unlink(sample["file"])
-        for e in result["errors"]:
-            # printable: a non-UTF-8 file name must not break errors.jsonl or the journal
-            rec = {"source": printable(item.path), **{k: printable(v) if isinstance(v, str) else v
-                                                       for k, v in e.items()}, "_input": mine[pos]}
-            pending_errors.append(rec)
-        if result.get("skipped"):
-            state["pending_skipped"] += 1
-        try:
-            nbytes = os.path.getsize(item.path) if result["samples"] else 0
-        except OSError:
-            nbytes = 0
-        progress.update(len(result["samples"]), len(result["errors"]), nbytes)
-
     try:
         while next_write < len(mine):
             # Dispatch while the reorder window has room (bounds memory and temp disk use).
             while next_issue < len(mine) and next_issue - next_write < window:
-                item = items[mine[next_issue]]
+                item = job.items[mine[next_issue]]
                 if item.error is not None:
-                    results[next_issue] = {"index": next_issue, "samples": [], "skipped": False,
-                                           "errors": [{"stage": item.error[0], "reason": item.error[1]}]}
+                    results[next_issue] = InputResult.rejected(next_issue, *item.error)
                 else:
                     worker = pool.idle()
                     if worker is None:
                         break
-                    pool.submit(worker, next_issue, _task(cfg, item, next_issue, labels[mine[next_issue]], tmpdir))
+                    pool.submit(worker, next_issue, ShardTask.for_input(cfg, item, next_issue,
+                                                                        job.labels[mine[next_issue]], job.tmpdir))
                 next_issue += 1
             while next_write in results:
-                consume(next_write, results.pop(next_write))
+                result = results.pop(next_write)
+                sink.add(next_write, result)
+                progress.update(len(result.samples), len(result.errors),
+                                _input_bytes(job.items[mine[next_write]], result))
                 next_write += 1
             if next_write >= len(mine):
                 break
             if next_write not in results:
                 for pos, result in pool.poll(1.0):
                     results[pos] = result
-        commit((len(mine), 0), final=True)
+        sink.commit((len(mine), 0), final=True)
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        sink.abort()
         raise
     finally:
         pool.close()
         progress.close()
-    return state["skipped"]
+    return sink.committed()
 
 
 # ---- index --------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """Per-input work done in a worker process: probe → plan clips → one decode → one encode pass.
 
-:func:`process_input` takes a plain-dict task and returns a plain-dict result (both pickled
-between processes). Encoded clips are written to files in the OUTDIR temp area, never kept in
-RAM; the result carries their paths and the ``KEY.json`` metadata. Any failure rejects the
-whole input (no partial input ever reaches a shard): the result then has no samples and one
-error record with the stage that failed.
+:func:`process_input` takes a :class:`~vidssl.shard.tasks.ShardTask` and returns an
+:class:`~vidssl.shard.tasks.InputResult` (both pickled between processes). Encoded clips are
+written to files in the OUTDIR temp area, never kept in RAM; the result carries their paths and
+the ``KEY.json`` metadata. Any failure rejects the whole input (no partial input ever reaches a
+shard): the result then has no samples and one error record with the stage that failed.
+
+Inside: :func:`process_input` opens and probes the input, then runs :class:`_Transcoder`
+(re-encode) or :class:`_StreamCopier` (``copy``); each returns a :class:`ClipRecord` per clip
+file, registering what it opens in a :class:`CleanupRegistry` that undoes it on rejection.
 
 Timing model (re-encode): the source is a step function, frame *i* shown over
 ``[t_i, t_{i+1})`` (``t_{n}`` of the last frame = its timestamp + its duration). Output frame
@@ -26,10 +30,13 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
+from vidssl.fsio import unlink_quiet
 from vidssl.shard.sources import make_key, printable
+from vidssl.shard.tasks import ErrorRecord, InputResult, Sample, ShardTask
 
 # Container formats FFmpeg uses for single pictures: never videos.
 _IMAGE_FORMATS = ("image2", "_pipe", "apng", "webp")
@@ -77,9 +84,9 @@ def even_size(width: int, height: int, short_side: int | None) -> tuple[int, int
     return max(2, int(round(w / 2)) * 2), max(2, int(round(h / 2)) * 2)
 
 
-def encoder_options(task: dict[str, Any]) -> dict[str, str]:
+def encoder_options(task: ShardTask) -> dict[str, str]:
     """Explicit encoder settings: rate control, preset, fixed GOP (no scene-cut keyframes), B-frames."""
-    enc, gop, bf, crf, preset = task["encoder"], task["gop"], task["bframes"], task["crf"], task["preset"]
+    enc, gop, bf, crf, preset = task.encoder, task.gop, task.bframes, task.crf, task.preset
     if enc == "libx264":
         # In x264-params so nothing is silently dropped: scenecut=0 is what makes the GOP truly fixed.
         return {"crf": str(crf), "preset": preset, "g": str(gop), "bf": str(bf),
@@ -87,7 +94,7 @@ def encoder_options(task: dict[str, Any]) -> dict[str, str]:
     if enc == "libx265":
         return {"crf": str(crf), "preset": preset, "x265-params":
                 f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bf}:open-gop=0:log-level=error:"
-                f"pools=none:frame-threads={task['threads']}"}
+                f"pools=none:frame-threads={task.threads}"}
     if enc == "libvpx-vp9":
         speed = {"ultrafast": 8, "superfast": 7, "veryfast": 6, "faster": 5, "fast": 4, "medium": 3,
                  "slow": 2, "slower": 1, "veryslow": 0}[preset]
@@ -228,12 +235,12 @@ def _sample_aspect(vs) -> Fraction:
 class Plan:
     """Which clips an input yields. Windows are created lazily (the duration may be unknown)."""
 
-    def __init__(self, task: dict[str, Any]) -> None:
+    def __init__(self, task: ShardTask) -> None:
         # Exact fractions: window bounds are compared with exact frame times.
-        self.clip_seconds = exact(task["clip_seconds"])
-        self.stride = exact(task["clip_stride"]) or self.clip_seconds
-        self.start = exact(task.get("start"))
-        self.end = exact(task.get("end"))
+        self.clip_seconds = exact(task.clip_seconds)
+        self.stride = exact(task.clip_stride) or self.clip_seconds
+        self.start = exact(task.start)
+        self.end = exact(task.end)
         self.mode = "window" if self.clip_seconds else ("span" if self.start is not None or self.end is not None
                                                           else "whole")
         self.next_window = 0
@@ -273,7 +280,80 @@ class Plan:
         return out
 
 
+# ---- what a clip pass hands back, and what it must undo ----------------------------------------
+# _Transcoder / _StreamCopier → process_input: a ClipRecord per clip file written (or planned and
+# found empty); process_input turns them into Samples and plan errors. CleanupRegistry: what was
+# opened or written for the input, undone by process_input when the input is rejected.
+
+@dataclass(frozen=True)
+class ClipRecord:
+    """One clip of an input: its file in the temp area and the facts its ``KEY.json`` reports."""
+
+    # -- where it lies in the source (seconds from the time origin), its file and span id
+    start: float
+    end: float
+    frames: int
+    path: str
+    span: str
+    # -- the output video (left at the defaults for a clip with no frames or a duplicate)
+    width: int = 0
+    height: int = 0
+    fps: float = 0.0
+    keyframes: list[int] = field(default_factory=list)
+    codec: str = ""
+    pix_fmt: str | None = None
+    gop: int | None = None
+    bframes: int | None = None
+    copy: bool = False
+    rotation: int = 0  # display rotation applied (re-encode), counter-clockwise degrees
+    # -- stream copy only: owned=False when ``path`` is the SOURCE itself (never delete it);
+    #    duplicate_of: the span of an earlier window that gave this very clip (not stored again)
+    owned: bool = True
+    duplicate_of: str | None = None
+
+
+class _Abortable(Protocol):
+    def abort(self) -> None:
+        """Close the output (ignoring errors) and delete its file."""
+
+
+class CleanupRegistry:
+    """Temp files and open clip outputs of the input being worked on, undone if it is rejected.
+
+    The clip passes register each output before (re-encode) or right after (stream copy) opening
+    it; a clip that makes it into the result is the parent's to delete from then on.
+    """
+
+    def __init__(self) -> None:
+        self._files: list[str] = []
+        self._encoders: list[_Abortable] = []
+
+    def add_file(self, path: str) -> None:
+        """A finished file (the video-only copy of an MP4) to delete on rejection."""
+        self._files.append(path)
+
+    def forget_file(self, path: str) -> None:
+        """``path`` was not written after all (nothing to delete)."""
+        self._files.remove(path)
+
+    def add_encoder(self, enc: _Abortable) -> None:
+        """An output being written (:class:`_ClipEncoder`, :class:`_CopyClip`): aborted on rejection."""
+        self._encoders.append(enc)
+
+    def wrote_output(self) -> bool:
+        """True once any output was registered (an unexpected failure is then an 'encode' one)."""
+        return bool(self._files or self._encoders)
+
+    def close_all(self) -> None:
+        for enc in self._encoders:
+            enc.abort()
+        for path in self._files:
+            unlink_quiet(path)
+
+
 # ---- re-encode ----------------------------------------------------------------------------------
+# _Transcoder: demux → decode → (_FrameShaper: rotate, resize, yuv420p) → one _ClipEncoder per
+# clip open at that time (overlapping windows share the decoded and shaped frame).
 
 class _Rotator:
     """Applies display-matrix rotation with FFmpeg's transpose/flip filters (frames come out upright)."""
@@ -299,10 +379,55 @@ class _Rotator:
         return self.graph.vpull()
 
 
+class _FrameShaper:
+    """Source frame → output frame: upright, square pixels, the output size, yuv420p.
+
+    Rotation and size are fixed by the first frame shaped (``size`` is None until then).
+    """
+
+    def __init__(self, stream, short_side: int | None) -> None:
+        self.stream = stream
+        self.short_side = short_side
+        self.size: tuple[int, int] | None = None
+        self.rotation = 0  # counter-clockwise degrees, from the first frame
+        self.rotator: _Rotator | None = None
+        self.reformatter = None  # av VideoReformatter, made on first use
+
+    def _fix_geometry(self, frame) -> None:
+        rotation = int(round(frame.rotation or 0))
+        self.rotation = rotation
+        if rotation % 360:
+            self.rotator = _Rotator(self.stream, rotation)
+        # Non-square pixels (anamorphic DV/HDV/DVD: sample aspect ratio != 1): output square
+        # pixels at the display aspect, as players show it (the width is scaled by the SAR).
+        sar = _sample_aspect(self.stream)
+        w, h = (frame.width * sar, frame.height)
+        w, h = (h, w) if rotation % 180 else (w, h)
+        self.size = even_size(w, h, self.short_side)
+
+    def __call__(self, frame):
+        if self.size is None:
+            self._fix_geometry(frame)
+        if self.rotator is not None:
+            frame = self.rotator(frame)
+        w, h = self.size
+        if frame.width == w and frame.height == h and frame.format.name == "yuv420p":
+            return frame
+        # One reused, single-threaded converter per input: frame.reformat() builds a new
+        # multi-threaded swscale context per frame, 3.7x slower (1.14 vs 0.31 ms per 720p frame).
+        if self.reformatter is None:
+            from av.video.reformatter import VideoReformatter  # noqa: PLC0415
+
+            self.reformatter = VideoReformatter()
+        return self.reformatter.reformat(frame, width=w, height=h, format="yuv420p", interpolation="AREA",
+                                         threads=1)
+
+
 class _ClipEncoder:
     """One output clip: an mp4 file in the temp area fed frames at a constant rate."""
 
-    def __init__(self, task, start: float, end: float, span: str, size: tuple[int, int], fps: Fraction) -> None:
+    def __init__(self, task: ShardTask, path: str, start: Fraction, end: Fraction | float, span: str,
+                 size: tuple[int, int], fps: Fraction, cleanup: CleanupRegistry) -> None:
         import av
 
         self.start, self.end, self.span = start, end, span
@@ -310,20 +435,25 @@ class _ClipEncoder:
         self.index = 0  # next output frame index
         self.keyframes: list[int] = []
         self.last_time = start
-        self.path = os.path.join(task["tmpdir"], f"{task['index']:08d}-{len(task['_clips'])}.mp4")
-        task["_clips"].append(self)
+        self.path = path
+        self.out = None
+        cleanup.add_encoder(self)  # before the file exists: a failed open is undone too
         self.out = av.open(self.path, "w", format="mp4", options={"fflags": "+bitexact"})
         try:
-            self.stream = self.out.add_stream(task["encoder"], rate=fps, options=encoder_options(task))
+            self.stream = self.out.add_stream(task.encoder, rate=fps, options=encoder_options(task))
             self.stream.width, self.stream.height = size
             self.stream.pix_fmt = "yuv420p"
             cc = self.stream.codec_context
             cc.time_base = 1 / fps
-            cc.thread_count = task["threads"]
-            cc.thread_type = "FRAME" if task["threads"] > 1 else "SLICE"
+            cc.thread_count = task.threads
+            cc.thread_type = "FRAME" if task.threads > 1 else "SLICE"
         except Exception:
             self.out.close()
             raise
+
+    def next_time(self) -> Fraction:
+        """Source time shown by the next output frame: the middle of its interval (module docstring)."""
+        return self.start + (self.index + Fraction(1, 2)) * (1 / self.fps)
 
     def _mux(self, packets) -> None:
         for p in packets:
@@ -331,7 +461,7 @@ class _ClipEncoder:
                 self.keyframes.append(int(round(float(p.pts * p.time_base) * self.fps)))
             self.out.mux(p)
 
-    def add(self, frame, time: float) -> None:
+    def add(self, frame, time: Fraction) -> None:
         # The decoder marks the source's keyframes as pict_type I, and x264 honours that as a
         # forced keyframe: clear it so the GOP is exactly ``gop`` frames.
         frame.pict_type = 0
@@ -346,103 +476,89 @@ class _ClipEncoder:
         self.out.close()
 
     def abort(self) -> None:
+        if self.out is not None:
+            try:
+                self.out.close()
+            except Exception:  # noqa: BLE001 - already failing; the file is deleted next
+                pass
+        unlink_quiet(self.path)
+
+
+class _Shown(NamedTuple):
+    """A decoded source frame and the interval [start, start + duration) it is shown over."""
+
+    frame: Any
+    start: Fraction
+    duration: Fraction
+
+
+class _Transcoder:
+    """One decode → one encode pass over an input; :meth:`run` returns its clips.
+
+    A decoded frame is held back (``pending``) until the next one arrives: only then is the end of
+    the interval it is shown over known, and it is handed to every open clip (``active``) for the
+    output frames whose interval middle falls inside. Times are exact Fractions (timestamp × time
+    base) from ``t_origin`` on.
+    """
+
+    def __init__(self, container, info: dict[str, Any], task: ShardTask, cleanup: CleanupRegistry) -> None:
+        import av
+
+        self.container, self.info, self.task, self.cleanup = container, info, task, cleanup
+        vs = self.vs = container.streams.video[0]
+        vs.thread_type = "SLICE"  # frame threading can mislabel frames; slices keep order exact
+        vs.codec_context.thread_count = task.threads
+        self.plan = Plan(task)
+        if self.plan.start:
+            # Start decoding from the keyframe before the span instead of the file's beginning.
+            try:
+                container.seek(int((self.plan.start + (info["start"] or 0.0)) / vs.time_base), stream=vs,
+                               backward=True)
+            except av.FFmpegError:
+                container.seek(0, stream=vs)
+        src_rate = info["rate"]
+        self.default_dur = 1 / Fraction(src_rate) if src_rate else Fraction(1, 25)
+        self.t_origin: Fraction | None = info["start_exact"]
+        # None: no rate in the headers; the first frame's duration then sets it.
+        self.out_fps: Fraction | None = _fps_fraction(task.fps) if task.fps else (
+            _fps_fraction(src_rate) if src_rate else None)
+        self.shaper = _FrameShaper(vs, task.short_side)
+        self.active: list[_ClipEncoder] = []
+        self.done: list[tuple[_ClipEncoder, Fraction]] = []  # (finished clip, its end time)
+        self.opened = 0  # clip files opened (numbers the temp files)
+        self.pending: _Shown | None = None
+        self.packets = 0  # video packets read (for check_complete)
+
+    def run(self) -> list[ClipRecord]:
+        import av
+
         try:
-            self.out.close()
-        except Exception:  # noqa: BLE001 - already failing; the file is deleted next
-            pass
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-
-
-def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[str, Any]]:
-    """One decode → one encode pass; returns finished clip records (sample meta + tmp file)."""
-    import av
-
-    vs = container.streams.video[0]
-    vs.thread_type = "SLICE"  # frame threading can mislabel frames; slices keep order exact
-    vs.codec_context.thread_count = task["threads"]
-    plan = Plan(task)
-    if plan.start:
-        # Start decoding from the keyframe before the span instead of the file's beginning.
-        try:
-            container.seek(int((plan.start + (info["start"] or 0.0)) / vs.time_base), stream=vs, backward=True)
-        except av.FFmpegError:
-            container.seek(0, stream=vs)
-    src_rate = info["rate"]
-    # Exact times (Fraction seconds) from here on: timestamp × time base, no float rounding.
-    default_dur = 1 / Fraction(src_rate) if src_rate else Fraction(1, 25)
-    t_origin: Fraction | None = info["start_exact"]
-    out_fps: Fraction | None = _fps_fraction(task["fps"]) if task["fps"] else (
-        _fps_fraction(src_rate) if src_rate else None)
-    active: list[_ClipEncoder] = []
-    done: list[dict[str, Any]] = []
-    state: dict[str, Any] = {"rotator": None, "size": None, "rotation": 0, "reformatter": None}
-
-    def transformed(frame):
-        if state["size"] is None:
-            rotation = int(round(frame.rotation or 0))
-            state["rotation"] = rotation
-            if rotation % 360:
-                state["rotator"] = _Rotator(vs, rotation)
-            # Non-square pixels (anamorphic DV/HDV/DVD: sample aspect ratio != 1): output square
-            # pixels at the display aspect, as players show it (the width is scaled by the SAR).
-            sar = _sample_aspect(vs)
-            w, h = (frame.width * sar, frame.height)
-            w, h = (h, w) if rotation % 180 else (w, h)
-            state["size"] = even_size(w, h, task["short_side"])
-        if state["rotator"] is not None:
-            frame = state["rotator"](frame)
-        w, h = state["size"]
-        if frame.width == w and frame.height == h and frame.format.name == "yuv420p":
-            return frame
-        # One reused, single-threaded converter per input: frame.reformat() builds a new
-        # multi-threaded swscale context per frame, 3.7x slower (1.14 vs 0.31 ms per 720p frame).
-        if state["reformatter"] is None:
-            from av.video.reformatter import VideoReformatter  # noqa: PLC0415
-
-            state["reformatter"] = VideoReformatter()
-        return state["reformatter"].reformat(frame, width=w, height=h, format="yuv420p", interpolation="AREA",
-                                             threads=1)
-
-    def emit(raw, a: Fraction, b: Fraction) -> None:
-        """Source frame ``raw`` shown over [a, b): feed it to each clip for each output frame whose
-        interval middle ``start + (k + 1/2)/fps`` falls inside (see the module docstring)."""
-        if state["size"] is None:
-            transformed(raw)  # fixes the output size before the first encoder opens
-        for s, e, span in plan.clips_starting_before(b):
-            # Only the first frame can come after a planned start (a stream cut mid-GOP, whose
-            # frames before the first keyframe do not decode; B-frame reorder delay): the clip
-            # starts at that frame instead of repeating it back to the planned start, and a
-            # window that ends before it holds no frame of the video at all.
-            if e <= a:
-                continue
-            active.append(_ClipEncoder(task, max(s, a), e, span, state["size"], out_fps))
-        frame = None
-        for clip in list(active):
-            step = 1 / clip.fps
-            while True:
-                t = clip.start + (clip.index + Fraction(1, 2)) * step
-                if t >= b or t >= clip.end:
+            for frame in self._decoded_frames():
+                if self._take(frame):
                     break
-                if frame is None:  # convert once, only when some clip uses this frame
-                    frame = transformed(raw)
-                clip.add(frame, t)
-            if clip.start + (clip.index + Fraction(1, 2)) * step >= clip.end:
-                clip.finish()
-                active.remove(clip)
-                done.append({"clip": clip, "start": clip.start, "end": clip.end, "frames": clip.index})
+            else:
+                if self.pending is not None:
+                    self._end_of_stream()
+        except av.FFmpegError as exc:
+            raise Reject("encode", f"{type(exc).__name__}: {exc}") from None
+        if self.pending is None:
+            dur = self.info.get("duration")
+            if self.plan.start and dur is not None and self.plan.start >= Fraction(repr(dur)):
+                # The seek went past the last frame (MPEG-TS and others): a plan problem, not damage.
+                raise Reject("plan", _after_end(float(self.plan.start), dur))
+            raise Reject("decode", "no frame could be decoded")
+        return self._records()
 
-    prev = None  # (raw frame, start time, duration)
-    try:
-        stop = False
-        packets = 0
-        for packet in container.demux(vs):
+    def _decoded_frames(self):
+        """The video stream's frames in presentation order; counts the packets read."""
+        import av
+
+        vs = self.vs
+        for packet in self.container.demux(vs):
             if packet.is_corrupt:
                 raise _damaged(packet, vs.time_base)
             if not _is_flush(packet):
-                packets += 1
+                self.packets += 1
             try:
                 frames = packet.decode()
             except av.FFmpegError as exc:
@@ -451,64 +567,101 @@ def _transcode(container, info: dict[str, Any], task: dict[str, Any]) -> list[di
             for frame in frames:
                 if frame.is_corrupt:
                     raise Reject("decode", f"corrupt frame at {frame.time}s (damaged stream)")
-                ftb = frame.time_base or vs.time_base
-                if frame.pts is None or ftb is None:
-                    t = (prev[1] + prev[2]) if prev else Fraction(0)
-                else:
-                    t = frame.pts * Fraction(ftb)
-                    if t_origin is None:
-                        t_origin = t
-                    t -= t_origin
-                dur = frame.duration * Fraction(ftb) if frame.duration and ftb else default_dur
-                if out_fps is None:  # no rate in the headers: trust the first frame's duration
-                    out_fps = _fps_fraction(1 / dur)
-                if prev is None and not plan.start and t_origin is not None and 0 < t <= dur:
-                    # The first frame up to one frame after the stream's start time is a timestamp
-                    # artifact (AVI with B-frames: the reorder delay), not a gap: the video starts
-                    # here. (A longer gap, e.g. a stream cut mid-GOP, is not padded either: clips
-                    # start at the first frame, see emit.)
-                    t_origin += t
-                    t = Fraction(0)
-                if prev is None:
-                    prev = (frame, t, dur)
-                elif t <= prev[1]:  # non-increasing timestamp: this frame replaces the previous one
-                    prev = (frame, prev[1], dur)
-                else:
-                    emit(prev[0], prev[1], t)
-                    prev = (frame, t, dur)
-                    if plan.finished(t) and not active:
-                        stop = True
-                        break
-            if stop:
-                break
-        if prev is not None and not stop:
-            # End of stream: the last frame lasts its own duration; open clips end here.
-            end = prev[1] + prev[2]
-            check_complete(container, vs, None if plan.start else packets, end + (t_origin or 0))
-            emit(prev[0], prev[1], end)
-            for clip in list(active):
-                clip.finish()
-                active.remove(clip)
-                done.append({"clip": clip, "start": clip.start, "end": min(clip.end, end), "frames": clip.index})
-    except av.FFmpegError as exc:
-        raise Reject("encode", f"{type(exc).__name__}: {exc}") from None
-    if prev is None:
-        dur = info.get("duration")
-        if plan.start and dur is not None and plan.start >= Fraction(repr(dur)):
-            # The seek went past the last frame (MPEG-TS and others): a plan problem, not damage.
-            raise Reject("plan", _after_end(float(plan.start), dur))
-        raise Reject("decode", "no frame could be decoded")
-    size = state["size"]
-    for rec in done:
-        clip = rec.pop("clip")
-        rec["start"], rec["end"] = float(rec["start"]), float(rec["end"])
-        rec.update(width=size[0], height=size[1], fps=float(clip.fps), keyframes=sorted(set(clip.keyframes)),
-                   path=clip.path, span=clip.span, codec=task["codec"], pix_fmt="yuv420p", gop=task["gop"],
-                   bframes=task["bframes"], copy=False, rotation=state["rotation"])
-    return done
+                yield frame
+
+    def _times(self, frame) -> tuple[Fraction, Fraction]:
+        """(start, duration) of a decoded frame, exact seconds from the time origin."""
+        prev = self.pending
+        ftb = frame.time_base or self.vs.time_base
+        if frame.pts is None or ftb is None:
+            t = (prev.start + prev.duration) if prev is not None else Fraction(0)
+        else:
+            t = frame.pts * Fraction(ftb)
+            if self.t_origin is None:
+                self.t_origin = t
+            t -= self.t_origin
+        dur = frame.duration * Fraction(ftb) if frame.duration and ftb else self.default_dur
+        if self.out_fps is None:  # no rate in the headers: trust the first frame's duration
+            self.out_fps = _fps_fraction(1 / dur)
+        if prev is None and not self.plan.start and self.t_origin is not None and 0 < t <= dur:
+            # The first frame up to one frame after the stream's start time is a timestamp
+            # artifact (AVI with B-frames: the reorder delay), not a gap: the video starts
+            # here. (A longer gap, e.g. a stream cut mid-GOP, is not padded either: clips
+            # start at the first frame, see _emit.)
+            self.t_origin += t
+            t = Fraction(0)
+        return t, dur
+
+    def _take(self, frame) -> bool:
+        """Hold ``frame`` back and emit the previous one; True when no clip needs more frames."""
+        t, dur = self._times(frame)
+        prev = self.pending
+        if prev is None:
+            self.pending = _Shown(frame, t, dur)
+        elif t <= prev.start:  # non-increasing timestamp: this frame replaces the previous one
+            self.pending = _Shown(frame, prev.start, dur)
+        else:
+            self._emit(prev.frame, prev.start, t)
+            self.pending = _Shown(frame, t, dur)
+            return self.plan.finished(t) and not self.active
+        return False
+
+    def _end_of_stream(self) -> None:
+        """The last frame lasts its own duration; open clips end here."""
+        last = self.pending
+        end = last.start + last.duration
+        check_complete(self.container, self.vs, None if self.plan.start else self.packets,
+                       end + (self.t_origin or 0))
+        self._emit(last.frame, last.start, end)
+        for clip in list(self.active):
+            self._finish(clip, min(clip.end, end))
+
+    def _open_clips(self, a: Fraction, b: Fraction) -> None:
+        """Open an encoder for each planned clip starting before ``b``."""
+        for s, e, span in self.plan.clips_starting_before(b):
+            # Only the first frame can come after a planned start (a stream cut mid-GOP, whose
+            # frames before the first keyframe do not decode; B-frame reorder delay): the clip
+            # starts at that frame instead of repeating it back to the planned start, and a
+            # window that ends before it holds no frame of the video at all.
+            if e <= a:
+                continue
+            path = self.task.clip_path(self.opened)
+            self.opened += 1
+            self.active.append(_ClipEncoder(self.task, path, max(s, a), e, span, self.shaper.size, self.out_fps,
+                                            self.cleanup))
+
+    def _emit(self, raw, a: Fraction, b: Fraction) -> None:
+        """Source frame ``raw`` shown over [a, b): feed it to each clip for each output frame whose
+        interval middle ``start + (k + 1/2)/fps`` falls inside (see the module docstring)."""
+        if self.shaper.size is None:
+            self.shaper(raw)  # fixes the output size before the first encoder opens
+        self._open_clips(a, b)
+        shaped = None  # converted once, only when some clip uses this frame
+        for clip in list(self.active):
+            while (t := clip.next_time()) < b and t < clip.end:
+                if shaped is None:
+                    shaped = self.shaper(raw)
+                clip.add(shaped, t)
+            if clip.next_time() >= clip.end:
+                self._finish(clip, clip.end)
+
+    def _finish(self, clip: _ClipEncoder, end: Fraction) -> None:
+        clip.finish()
+        self.active.remove(clip)
+        self.done.append((clip, end))
+
+    def _records(self) -> list[ClipRecord]:
+        task, (width, height) = self.task, self.shaper.size
+        return [ClipRecord(start=float(clip.start), end=float(end), frames=clip.index, path=clip.path,
+                           span=clip.span, width=width, height=height, fps=float(clip.fps),
+                           keyframes=sorted(set(clip.keyframes)), codec=task.codec, pix_fmt="yuv420p",
+                           gop=task.gop, bframes=task.bframes, copy=False, rotation=self.shaper.rotation)
+                for clip, end in self.done]
 
 
 # ---- stream copy --------------------------------------------------------------------------------
+# _StreamCopier: demux only; packets go to the output as they are, GOP by GOP (_CopyClip), or the
+# whole source file is the clip (verbatim). The first keyframe is read for rotation/pixel format.
 
 def _first_key_facts(vs, packet, info: dict[str, Any], path: str) -> tuple[int, str | None]:
     """(display rotation in counter-clockwise degrees, pixel format) for stream copy.
@@ -542,187 +695,275 @@ def _decoded_facts(vs, packet) -> tuple[int, str | None]:
     return int(round(frames[0].rotation or 0)), frames[0].format.name
 
 
-def _copy(container, info: dict[str, Any], task: dict[str, Any]) -> list[dict[str, Any]]:
-    """Stream copy. Whole-video plans of an MP4 are taken verbatim (one demux-only pass gives frame
-    count and keyframes): a single-stream file's bytes go into the tar as they are, a file with
-    other tracks is rewritten without them at the box level (:func:`headers.mp4_video_only`, the
-    video track byte for byte). Everything else is remuxed GOP by GOP: a clip covers every GOP
-    overlapping its planned span.
+class _CopyClip:
+    """One remuxed output clip: an mp4 file in the temp area fed whole GOPs of source packets."""
+
+    def __init__(self, path: str, stream, start: Fraction, end: Fraction | float, span: str) -> None:
+        import av
+
+        self.start, self.end, self.span = start, end, span  # the planned window (seconds from the origin)
+        self.path = path
+        self.out = av.open(path, "w", format="mp4", options={"fflags": "+bitexact"})
+        try:
+            self.ostream = self.out.add_stream_from_template(stream)
+        except ValueError as exc:  # PyAV: "'mp4' format does not support 'prores' codec"
+            self.out.close()
+            unlink_quiet(path)
+            raise Reject("plan", f"stream copy: {exc}; use copy=false to re-encode it") from None
+        except Exception:
+            self.out.close()
+            raise
+        self.offset: int | None = None  # subtracted from every timestamp: the clip starts at 0
+        self.pts: list[int] = []  # presentation times of the packets written (output ticks)
+        self.key_pts: list[int] = []  # … of its keyframes
+        self.first: Fraction | None = None  # start of its first GOP (None: no GOP written)
+        self.last: Fraction | None = None  # end of its last GOP
+
+    def add_gop(self, gop: list, g_start: Fraction, g_end: Fraction, time_base) -> None:
+        """Write the packets of one GOP (``gop[0]`` its keyframe) shown over [g_start, g_end)."""
+        import av
+
+        if self.offset is None:
+            # First GOP of this clip: leading pictures (shown before the keyframe) need the
+            # previous GOP, which this clip does not have: leave them out.
+            key_pts = gop[0].pts
+            use = [p for p in gop if p.pts >= key_pts]
+            self.offset = min(p.dts if p.dts is not None else p.pts for p in use)
+            self.first = g_start
+        else:
+            use = gop
+        self.last = g_end
+        off = self.offset
+        for p in use:
+            # A copy of the payload only (the same packet may go to overlapping clips): its
+            # duration and keyframe flag must be set again, or the MP4 muxer trims the last
+            # frame with its edit list and marks every sample (non-H.264) as a sync sample.
+            q = av.Packet(p)
+            q.pts = p.pts - off
+            q.dts = (p.dts - off) if p.dts is not None else None
+            q.duration = p.duration
+            q.is_keyframe = p.is_keyframe
+            q.time_base = time_base
+            q.stream = self.ostream
+            self.pts.append(q.pts)
+            if p.is_keyframe:
+                self.key_pts.append(q.pts)
+            self.out.mux(q)
+
+    def close(self) -> None:
+        self.out.close()
+
+    def abort(self) -> None:
+        try:
+            self.out.close()
+        except Exception:  # noqa: BLE001 - already failing; the file is deleted next
+            pass
+        unlink_quiet(self.path)
+
+
+class _StreamCopier:
+    """Stream copy of one input; :meth:`run` returns its clips.
+
+    Whole-video plans of an MP4 are taken verbatim (one demux-only pass gives frame count and
+    keyframes): a single-stream file's bytes go into the tar as they are, a file with other tracks
+    is rewritten without them at the box level (:func:`headers.mp4_video_only`, the video track
+    byte for byte). Everything else is remuxed GOP by GOP: a clip covers every GOP overlapping its
+    planned span.
 
     Timing is exact integer ticks of the stream time base; a GOP boundary becomes a Fraction once.
     Open-GOP sources: packets that follow a keyframe in decode order but are shown BEFORE it
     (leading B-frames) reference the previous GOP, so they are dropped from the clip that starts
     at that keyframe (they belong to, and are decodable in, the clip before it).
     """
-    import av
 
-    from av.stream import Discard
+    def __init__(self, container, info: dict[str, Any], task: ShardTask, cleanup: CleanupRegistry) -> None:
+        from av.stream import Discard
 
-    vs = container.streams.video[0]
-    for other in container.streams:
-        if other.index != vs.index:
-            other.discard = Discard.all  # the demuxer then skips their packets without reading them
-    vs_tb = vs.time_base  # a new Fraction on every access: read once
-    tb = Fraction(vs_tb)
-    origin = vs.start_time  # ticks; None → the first packet's pts
-    plan = Plan(task)
-    default_dur = max(1, int(round(1 / (float(info["fps"]) * tb)))) if info["fps"] else max(1, round(1 / (25 * tb)))
-    facts: dict[str, Any] = {}
+        self.container, self.info, self.task, self.cleanup = container, info, task, cleanup
+        vs = self.vs = container.streams.video[0]
+        for other in container.streams:
+            if other.index != vs.index:
+                other.discard = Discard.all  # the demuxer then skips their packets without reading them
+        self.vs_tb = vs.time_base  # a new Fraction on every access: read once
+        self.tb = tb = Fraction(self.vs_tb)
+        self.origin: int | None = vs.start_time  # ticks; None → the first packet's pts
+        self.plan = Plan(task)
+        self.default_dur = (max(1, int(round(1 / (float(info["fps"]) * tb)))) if info["fps"]
+                            else max(1, round(1 / (25 * tb))))
+        self.key_checked = False  # the first keyframe's rotation and pixel format were read
+        self.open: list[_CopyClip] = []  # clips still taking GOPs
+        self.done: list[_CopyClip] = []  # closed clips
 
-    def first_key(packet) -> None:
-        if facts:
+    def run(self) -> list[ClipRecord]:
+        import av
+
+        if self.plan.mode == "whole" and self.info.get("iso_bmff"):
+            rec = self._verbatim()
+            if rec is not None and len(self.container.streams) == 1:
+                return [rec]
+            if rec is not None:
+                rec = self._video_only(rec)
+                if rec is not None:
+                    return [rec]
+            try:
+                self.container.seek(0, stream=self.vs)  # not verbatim after all: remux from the start
+            except av.FFmpegError as exc:
+                raise Reject("decode", f"cannot read the video again from its start ({exc}); "
+                                       "the file may be truncated") from None
+        self._remux()
+        return self._records()
+
+    def _check_first_key(self, packet) -> None:
+        """Read rotation and pixel format at the first keyframe; reject a rotated video."""
+        if self.key_checked:
             return
-        rot, pix = _first_key_facts(vs, packet, info, task["path"])
-        facts.update(rotation=rot, pix_fmt=pix)
+        rot, pix = _first_key_facts(self.vs, packet, self.info, self.task.path)
+        self.key_checked = True
         if rot % 360:
             raise Reject("plan", f"rotation metadata ({rot} degrees) needs a re-encode to come out upright; "
                          "stream copy cannot apply it (use copy=false)")
         if pix:
-            info["pix_fmt"] = info["pix_fmt"] or pix
+            self.info["pix_fmt"] = self.info["pix_fmt"] or pix
 
-    if plan.mode == "whole" and info.get("iso_bmff"):
-        rec = _copy_verbatim(container, vs, info, task, first_key, origin, tb, default_dur)
-        if rec is not None and len(container.streams) == 1:
-            return [rec]
-        if rec is not None:
-            # Other tracks (audio, …) must go: keep the video track's boxes and bytes as they are
-            # and drop the rest (headers.mp4_video_only), instead of remuxing packet by packet.
-            from vidssl.shard.headers import mp4_video_only
+    # -- whole file, verbatim
 
-            path = os.path.join(task["tmpdir"], f"{task['index']:08d}-0.mp4")
-            task["_clips"].append(path)
-            if mp4_video_only(task["path"], vs.id, path):
-                rec.update(path=path, owned=True)
-                return [rec]
-            task["_clips"].remove(path)
-        try:
-            container.seek(0, stream=vs)  # not verbatim after all: remux from the start
-        except av.FFmpegError as exc:
-            raise Reject("decode", f"cannot read the video again from its start ({exc}); "
-                                   "the file may be truncated") from None
-
-    clips: list[dict[str, Any]] = []
-    done: list[dict[str, Any]] = []
-
-    def open_clip(s, e, span):
-        path = os.path.join(task["tmpdir"], f"{task['index']:08d}-{len(clips) + len(done)}.mp4")
-        out = av.open(path, "w", format="mp4", options={"fflags": "+bitexact"})
-        try:
-            ostream = out.add_stream_from_template(vs)
-        except ValueError as exc:  # PyAV: "'mp4' format does not support 'prores' codec"
-            out.close()
-            _unlink(path)
-            raise Reject("plan", f"stream copy: {exc}; use copy=false to re-encode it") from None
-        except Exception:
-            out.close()
-            raise
-        clip = {"s": s, "e": e, "span": span, "path": path, "out": out, "ostream": ostream, "offset": None,
-                "pts": [], "key_pts": [], "first": None, "last": None}
-        task["_clips"].append(clip)
-        return clip
-
-    def flush_gop(gop: list, g_start: int, g_end: int) -> None:
-        gs, ge = g_start * tb, g_end * tb  # exact seconds from the origin
-        for s, e, span in plan.clips_starting_before(ge):
-            clips.append(open_clip(s, e, span))
-        key_pts = gop[0].pts
-        for clip in list(clips):
-            if gs >= clip["e"]:
-                clip["out"].close()
-                clips.remove(clip)
-                done.append(clip)
-                continue
-            if ge <= clip["s"]:
-                continue
-            if clip["offset"] is None:
-                # First GOP of this clip: leading pictures (shown before the keyframe) need the
-                # previous GOP, which this clip does not have: leave them out.
-                use = [p for p in gop if p.pts >= key_pts]
-                clip["offset"] = min(p.dts if p.dts is not None else p.pts for p in use)
-                clip["first"] = gs
-            else:
-                use = gop
-            clip["last"] = ge
-            off, ost = clip["offset"], clip["ostream"]
-            for p in use:
-                # A copy of the payload only (the same packet may go to overlapping clips): its
-                # duration and keyframe flag must be set again, or the MP4 muxer trims the last
-                # frame with its edit list and marks every sample (non-H.264) as a sync sample.
-                q = av.Packet(p)
-                q.pts = p.pts - off
-                q.dts = (p.dts - off) if p.dts is not None else None
-                q.duration = p.duration
-                q.is_keyframe = p.is_keyframe
-                q.time_base = vs_tb
-                q.stream = ost
-                clip["pts"].append(q.pts)
-                if p.is_keyframe:
-                    clip["key_pts"].append(q.pts)
-                clip["out"].mux(q)
-
-    gop: list = []
-    g_start = 0
-    last_end = 0
-    started = False
-    try:
-        packets = 0
-        for packet in container.demux(vs):
+    def _verbatim(self) -> ClipRecord | None:
+        """The whole file as is, when that is exactly what a remux would give: one demux-only pass
+        (no decode beyond the first keyframe) collects presentation times and keyframes. Returns None
+        (remux instead) when the first packet is not a keyframe, when the demuxer marks packets to
+        discard (an edit list trims frames), or when any frame is shown before the first keyframe."""
+        pts_list: list[int] = []
+        key_pts: list[int] = []
+        last_end = 0
+        first = True
+        for packet in self.container.demux(self.vs):
             pts = packet.pts
             if pts is None:
                 if packet.size == 0:
-                    continue  # the demuxer's end-of-stream marker
-                raise Reject("plan", "packets without timestamps: cannot stream copy (use copy=false)")
+                    continue
+                return None
             if packet.is_corrupt:
-                raise _damaged(packet, tb)
-            packets += 1
-            if origin is None:
-                origin = pts
-            t = pts - origin
-            last_end = max(last_end, t + (packet.duration or default_dur))
-            key = packet.is_keyframe
-            if key:
-                first_key(packet)
+                raise _damaged(packet, self.tb)
+            if first:
+                if not packet.is_keyframe:
+                    return None
+                self._check_first_key(packet)
+                first = False
+            if packet.is_discard:
+                return None
+            if packet.is_keyframe:
+                key_pts.append(pts)
+            pts_list.append(pts)
+            last_end = max(last_end, pts + (packet.duration or self.default_dur))
+        if first or min(pts_list) < pts_list[0]:
+            return None
+        check_complete(self.container, self.vs, len(pts_list), None)
+        origin = pts_list[0] if self.origin is None else self.origin
+        return ClipRecord(start=float((pts_list[0] - origin) * self.tb), end=float((last_end - origin) * self.tb),
+                          frames=len(pts_list), path=self.task.path, owned=False, span="full",
+                          **_copy_facts(self.info), keyframes=_keyframe_indices(pts_list, key_pts))
+
+    def _video_only(self, rec: ClipRecord) -> ClipRecord | None:
+        """``rec`` as a copy of the MP4 without its other tracks (audio, …): the video track's boxes
+        and bytes as they are (headers.mp4_video_only), instead of a packet by packet remux."""
+        from vidssl.shard.headers import mp4_video_only
+
+        path = self.task.clip_path(0)
+        self.cleanup.add_file(path)
+        if mp4_video_only(self.task.path, self.vs.id, path):
+            return replace(rec, path=path, owned=True)
+        self.cleanup.forget_file(path)
+        return None
+
+    # -- remux, GOP by GOP
+
+    def _remux(self) -> None:
+        """Collect each GOP's packets; at the next keyframe hand the GOP to the clips it overlaps."""
+        import av
+
+        tb = self.tb
+        gop: list = []
+        g_start = 0  # ticks from the origin
+        last_end = 0
+        started = False  # a keyframe was seen (packets before it cannot be decoded on their own)
+        packets = 0
+        try:
+            for packet in self.container.demux(self.vs):
+                pts = packet.pts
+                if pts is None:
+                    if packet.size == 0:
+                        continue  # the demuxer's end-of-stream marker
+                    raise Reject("plan", "packets without timestamps: cannot stream copy (use copy=false)")
+                if packet.is_corrupt:
+                    raise _damaged(packet, tb)
+                packets += 1
+                if self.origin is None:
+                    self.origin = pts
+                t = pts - self.origin
+                last_end = max(last_end, t + (packet.duration or self.default_dur))
+                if packet.is_keyframe:
+                    self._check_first_key(packet)
+                    if gop:
+                        self._flush_gop(gop, g_start, t)
+                        gop = []
+                        if self.plan.finished(t * tb) and not self.open and self.done:
+                            break
+                    g_start = t
+                    started = True
+                elif not started:
+                    continue
+                gop.append(packet)
+            else:
+                check_complete(self.container, self.vs, packets, (last_end + (self.origin or 0)) * tb)
                 if gop:
-                    flush_gop(gop, g_start, t)
-                    gop = []
-                    if plan.finished(t * tb) and not clips and done:
-                        started = False
-                        break
-                g_start = t
-                started = True
-            elif not started:
-                continue  # leading packets before the first keyframe cannot be decoded on their own
-            gop.append(packet)
-        else:
-            check_complete(container, vs, packets, (last_end + (origin or 0)) * tb)
-            if gop:
-                flush_gop(gop, g_start, last_end)
-        for clip in clips:
-            clip["out"].close()
-            done.append(clip)
-    except av.FFmpegError as exc:
-        raise Reject("encode", f"remux failed: {exc}") from None
-    out = []
-    landed: dict[tuple, str] = {}  # (first, last) GOP bounds → span of the window kept for them
-    for clip in sorted(done, key=lambda c: c["s"]):
-        if clip["first"] is None:
-            out.append({"start": float(clip["s"]), "end": float(clip["s"]), "frames": 0, "path": clip["path"],
-                        "span": clip["span"]})
-            continue
-        bounds = (clip["first"], clip["last"])
-        if bounds in landed:
-            # GOPs longer than the stride: this window lands on exactly the clip an earlier one
-            # gave (same keyframes, same bytes). Keep it once instead of storing copies.
-            out.append({"start": float(clip["first"]), "end": float(clip["last"]), "frames": len(clip["pts"]),
-                        "path": clip["path"], "span": clip["span"], "duplicate_of": landed[bounds]})
-            continue
-        landed[bounds] = clip["span"]
-        order = sorted(clip["pts"])
-        index = {p: i for i, p in enumerate(order)}
-        out.append({"start": float(clip["first"]), "end": float(clip["last"]), "frames": len(order),
-                    "path": clip["path"], "span": clip["span"], **_copy_facts(info),
-                    "keyframes": sorted(index[p] for p in clip["key_pts"])})
-    return out
+                    self._flush_gop(gop, g_start, last_end)
+            for clip in self.open:
+                clip.close()
+                self.done.append(clip)
+        except av.FFmpegError as exc:
+            raise Reject("encode", f"remux failed: {exc}") from None
+
+    def _flush_gop(self, gop: list, g_start: int, g_end: int) -> None:
+        gs, ge = g_start * self.tb, g_end * self.tb  # exact seconds from the origin
+        for s, e, span in self.plan.clips_starting_before(ge):
+            path = self.task.clip_path(len(self.open) + len(self.done))
+            clip = _CopyClip(path, self.vs, s, e, span)
+            self.cleanup.add_encoder(clip)
+            self.open.append(clip)
+        for clip in list(self.open):
+            if gs >= clip.end:
+                clip.close()
+                self.open.remove(clip)
+                self.done.append(clip)
+            elif ge > clip.start:
+                clip.add_gop(gop, gs, ge, self.vs_tb)
+
+    def _records(self) -> list[ClipRecord]:
+        out = []
+        landed: dict[tuple, str] = {}  # (first, last) GOP bounds → span of the window kept for them
+        for clip in sorted(self.done, key=lambda c: c.start):
+            if clip.first is None:
+                out.append(ClipRecord(start=float(clip.start), end=float(clip.start), frames=0, path=clip.path,
+                                      span=clip.span))
+                continue
+            bounds = (clip.first, clip.last)
+            if bounds in landed:
+                # GOPs longer than the stride: this window lands on exactly the clip an earlier one
+                # gave (same keyframes, same bytes). Keep it once instead of storing copies.
+                out.append(ClipRecord(start=float(clip.first), end=float(clip.last), frames=len(clip.pts),
+                                      path=clip.path, span=clip.span, duplicate_of=landed[bounds]))
+                continue
+            landed[bounds] = clip.span
+            out.append(ClipRecord(start=float(clip.first), end=float(clip.last), frames=len(clip.pts),
+                                  path=clip.path, span=clip.span, **_copy_facts(self.info),
+                                  keyframes=_keyframe_indices(clip.pts, clip.key_pts)))
+        return out
+
+
+def _keyframe_indices(pts: list[int], key_pts: list[int]) -> list[int]:
+    """Positions of the keyframes ``key_pts`` among the frames ``pts`` in presentation order."""
+    index = {p: i for i, p in enumerate(sorted(pts))}
+    return sorted(index[p] for p in key_pts)
 
 
 def _copy_facts(info: dict[str, Any]) -> dict[str, Any]:
@@ -731,143 +972,91 @@ def _copy_facts(info: dict[str, Any]) -> dict[str, Any]:
             "rotation": 0}
 
 
-def _copy_verbatim(container, vs, info, task, first_key, origin, tb, default_dur) -> dict[str, Any] | None:
-    """The whole file as is, when that is exactly what a remux would give: one demux-only pass
-    (no decode beyond the first keyframe) collects presentation times and keyframes. Returns None
-    (remux instead) when the first packet is not a keyframe, when the demuxer marks packets to
-    discard (an edit list trims frames), or when any frame is shown before the first keyframe."""
-    pts_list: list[int] = []
-    key_pts: list[int] = []
-    last_end = 0
-    first = True
-    for packet in container.demux(vs):
-        pts = packet.pts
-        if pts is None:
-            if packet.size == 0:
-                continue
-            return None
-        if packet.is_corrupt:
-            raise _damaged(packet, tb)
-        if first:
-            if not packet.is_keyframe:
-                return None
-            first_key(packet)
-            first = False
-        if packet.is_discard:
-            return None
-        if packet.is_keyframe:
-            key_pts.append(pts)
-        pts_list.append(pts)
-        last_end = max(last_end, pts + (packet.duration or default_dur))
-    if first or min(pts_list) < pts_list[0]:
-        return None
-    check_complete(container, vs, len(pts_list), None)
-    if origin is None:
-        origin = pts_list[0]
-    order = sorted(pts_list)
-    index = {p: i for i, p in enumerate(order)}
-    return {"start": float((pts_list[0] - origin) * tb), "end": float((last_end - origin) * tb),
-            "frames": len(order), "path": task["path"], "owned": False, "span": "full", **_copy_facts(info),
-            "keyframes": sorted(index[p] for p in key_pts)}
-
-
 # ---- the worker entry point ---------------------------------------------------------------------
+# worker.py → process_input(ShardTask) → InputResult → worker.py → the parent (pipeline.py).
 
-def process_input(task: dict[str, Any]) -> dict[str, Any]:
+def process_input(task: ShardTask) -> InputResult:
     """Probe, plan and transcode one input. Never raises for bad media: returns error records."""
-    result: dict[str, Any] = {"index": task["index"], "samples": [], "errors": [], "skipped": False}
-    task["_clips"] = []
+    cleanup = CleanupRegistry()
     container = None
     try:
-        container, iso_bmff = open_input(task["path"], quick=task["copy"])
+        container, iso_bmff = open_input(task.path, quick=task.copy)
         info = probe(container)
         info["iso_bmff"] = iso_bmff
-        if task["copy"]:
-            clips = _copy(container, info, task)  # rejects rotated inputs itself
+        if task.copy:
+            clips = _StreamCopier(container, info, task, cleanup).run()  # rejects rotated inputs itself
         else:
-            clips = _transcode(container, info, task)
+            clips = _Transcoder(container, info, task, cleanup).run()
     except Reject as rej:
-        _cleanup(task)
-        if not task["strict"] and rej.stage == "probe":
-            result["skipped"] = True  # a non-video file found while walking a folder
-        else:
-            result["errors"].append({"stage": rej.stage, "reason": rej.reason})
-        return result
+        cleanup.close_all()
+        if not task.strict and rej.stage == "probe":
+            return InputResult(task.index, skipped=True)  # a non-video file found while walking a folder
+        return InputResult.rejected(task.index, rej.stage, rej.reason)
     except Exception as exc:  # noqa: BLE001 - any other failure rejects the input, with its reason
-        _cleanup(task)
-        result["errors"].append({"stage": "encode" if task["_clips"] else "decode",
-                                 "reason": f"{type(exc).__name__}: {exc}"})
-        return result
+        stage = "encode" if cleanup.wrote_output() else "decode"
+        cleanup.close_all()
+        return InputResult.rejected(task.index, stage, f"{type(exc).__name__}: {exc}")
     finally:
         if container is not None:
             container.close()
-    for rec in sorted(clips, key=lambda r: (r["start"], r["span"])):
-        seconds = rec["end"] - rec["start"]
-        if rec.get("duplicate_of"):
-            _unlink(rec["path"])
-            result["errors"].append({
-                "stage": "plan", "start": round(rec["start"], 6), "end": round(rec["end"], 6),
-                "reason": f"stream copy: window {rec['span']} s lands on the same keyframe-aligned clip as window "
-                          f"{rec['duplicate_of']} s (a GOP longer than clip_stride); stored once", "_short": True})
-            continue
-        if rec["frames"] == 0 or seconds < task["min_seconds"] - 1e-9:
-            if rec.get("owned", True):
-                _unlink(rec["path"])
-            # A window tail shorter than half an output frame holds no frame: a short clip, not an error.
-            short = rec["frames"] > 0 or seconds > 0
-            if rec["frames"] == 0:
-                why = ("no frames inside the span" if seconds <= 0 else
-                       f"clip too short to hold one frame ({seconds:.3f}s at {rec.get('fps', 0):g} fps)")
-            else:
-                why = f"clip shorter than min_seconds ({seconds:.3f}s < {task['min_seconds']}s)"
-            result["errors"].append({"stage": "plan", "reason": why, "start": round(rec["start"], 6),
-                                     "end": round(rec["end"], 6), "_short": short})
-            continue
-        key = make_key(task["path"], rec["span"])
-        meta = {
-            "key": key, "source": printable(task["path"]), "source_codec": info["codec"],
-            "source_width": info["width"], "source_height": info["height"],
-            "source_fps": round(info["fps"], 6) if info["fps"] else None,
-            "source_duration": round(info["duration"], 6) if info["duration"] is not None else None,
-            "clip_start": round(rec["start"], 6), "clip_end": round(rec["end"], 6),
-            "fps": round(rec["fps"], 6), "frames": rec["frames"], "width": rec["width"], "height": rec["height"],
-            "keyframes": rec["keyframes"], "codec": rec["codec"], "pix_fmt": rec["pix_fmt"], "gop": rec["gop"],
-            "bframes": rec["bframes"], "copy": rec["copy"], "label": task["label"],
-            "label_name": task["label_name"], "extra": task["extra"],
-        }
-        if rec.get("rotation"):
-            meta["source_rotation"] = rec["rotation"]
-        # owned=False: the file is the SOURCE itself (verbatim stream copy); the writer must not delete it.
-        result["samples"].append({"meta": meta, "file": rec["path"], "bytes": os.path.getsize(rec["path"]),
-                                  "owned": rec.get("owned", True)})
-    if not result["samples"] and not result["errors"]:
-        reason = "no clip planned inside the video"
-        start, end, dur = task.get("start"), task.get("end"), info.get("duration")
-        if start is not None and dur is not None and start >= dur:
-            reason = _after_end(start, dur)
-        elif start is not None or end is not None:
-            reason = (f"no decodable frame inside the span {start or 0:g}-"
-                      f"{'end' if end is None else f'{end:g}'}s")
-        result["errors"].append({"stage": "plan", "reason": reason})
-    return result
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _cleanup(task: dict[str, Any]) -> None:
-    for clip in task.get("_clips", []):
-        if isinstance(clip, str):  # a finished file (video-only copy of an MP4)
-            _unlink(clip)
-        elif isinstance(clip, _ClipEncoder):
-            clip.abort()
+    samples: list[Sample] = []
+    errors: list[ErrorRecord] = []
+    for rec in sorted(clips, key=lambda r: (r.start, r.span)):
+        seconds = rec.end - rec.start
+        if rec.duplicate_of:
+            unlink_quiet(rec.path)
+            errors.append({
+                "stage": "plan", "start": round(rec.start, 6), "end": round(rec.end, 6),
+                "reason": f"stream copy: window {rec.span} s lands on the same keyframe-aligned clip as window "
+                          f"{rec.duplicate_of} s (a GOP longer than clip_stride); stored once", "_short": True})
+        elif rec.frames == 0 or seconds < task.min_seconds - 1e-9:
+            if rec.owned:
+                unlink_quiet(rec.path)
+            errors.append(_dropped_clip(rec, seconds, task.min_seconds))
         else:
-            try:
-                clip["out"].close()
-            except Exception:  # noqa: BLE001
-                pass
-            _unlink(clip["path"])
+            # owned=False: the file is the SOURCE itself (verbatim stream copy); the writer must not delete it.
+            samples.append(Sample(meta=_sample_meta(task, info, rec), file=rec.path, size=os.path.getsize(rec.path),
+                                  owned=rec.owned))
+    if not samples and not errors:
+        errors.append({"stage": "plan", "reason": _nothing_planned(task, info)})
+    return InputResult(task.index, samples=samples, errors=errors)
+
+
+def _dropped_clip(rec: ClipRecord, seconds: float, min_seconds: float) -> ErrorRecord:
+    """The plan record of a clip too short to keep."""
+    # A window tail shorter than half an output frame holds no frame: a short clip, not an error.
+    short = rec.frames > 0 or seconds > 0
+    if rec.frames == 0:
+        why = ("no frames inside the span" if seconds <= 0 else
+               f"clip too short to hold one frame ({seconds:.3f}s at {rec.fps:g} fps)")
+    else:
+        why = f"clip shorter than min_seconds ({seconds:.3f}s < {min_seconds}s)"
+    return {"stage": "plan", "reason": why, "start": round(rec.start, 6), "end": round(rec.end, 6), "_short": short}
+
+
+def _nothing_planned(task: ShardTask, info: dict[str, Any]) -> str:
+    """The reason for an input that gave no clip and no other error."""
+    start, end, dur = task.start, task.end, info.get("duration")
+    if start is not None and dur is not None and start >= dur:
+        return _after_end(start, dur)
+    if start is not None or end is not None:
+        return f"no decodable frame inside the span {start or 0:g}-{'end' if end is None else f'{end:g}'}s"
+    return "no clip planned inside the video"
+
+
+def _sample_meta(task: ShardTask, info: dict[str, Any], rec: ClipRecord) -> dict[str, Any]:
+    """The clip's ``KEY.json``."""
+    meta = {
+        "key": make_key(task.path, rec.span), "source": printable(task.path), "source_codec": info["codec"],
+        "source_width": info["width"], "source_height": info["height"],
+        "source_fps": round(info["fps"], 6) if info["fps"] else None,
+        "source_duration": round(info["duration"], 6) if info["duration"] is not None else None,
+        "clip_start": round(rec.start, 6), "clip_end": round(rec.end, 6),
+        "fps": round(rec.fps, 6), "frames": rec.frames, "width": rec.width, "height": rec.height,
+        "keyframes": rec.keyframes, "codec": rec.codec, "pix_fmt": rec.pix_fmt, "gop": rec.gop,
+        "bframes": rec.bframes, "copy": rec.copy, "label": task.label,
+        "label_name": task.label_name, "extra": task.extra,
+    }
+    if rec.rotation:
+        meta["source_rotation"] = rec.rotation
+    return meta

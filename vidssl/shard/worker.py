@@ -8,7 +8,7 @@ import sys
 
 
 def _worker_main(fd: int) -> None:
-    """Worker loop (``python -m vidssl.shard.worker FD``): receive a task dict, send back the result.
+    """Worker loop (``python -m vidssl.shard.worker FD``): receive a ShardTask (vidssl.shard.tasks), send back the result.
 
     ``None`` ends it. Workers are plain subprocesses, not multiprocessing children, so they never
     re-import the caller's ``__main__`` (scripts without a main guard, stdin, notebooks all work).
