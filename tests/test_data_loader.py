@@ -183,14 +183,32 @@ def test_ssl_windows_share_the_flip(dataset):
 
 # ---- frame exactness ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["pyav", "decord"])
-def test_frame_exactness_against_full_decode(dataset, backend):
+def _needs(backend):
+    """Skip (with the reason) a torchcodec case where torchcodec or its FFmpeg libraries are missing."""
+    if backend == "torchcodec":
+        from vidssl.data.decode import torchcodec_available
+
+        why = torchcodec_available()
+        if why:
+            pytest.skip(why)
+
+
+BACKENDS = ["pyav", "decord", "torchcodec"]
+
+
+@pytest.mark.parametrize("stage", ["worker", "main"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frame_exactness_against_full_decode(dataset, backend, stage):
+    _needs(backend)
     ref = {k: full_decode(data) for k, (meta, data) in _members(dataset).items()}
     for k, (meta, _) in _members(dataset).items():
         assert len(ref[k]) == meta["frames"]
-    c = cfg(dataset, mode="views", views=3, frames=5, stride=3, augment="none", backend=backend, drop_last=False)
+    c = cfg(dataset, mode="views", views=3, frames=5, stride=3, augment="none", backend=backend, drop_last=False,
+            decode_stage=stage)
     n = 0
-    for b in build_loader(c, rank=0, world_size=1):
+    loader = build_loader(c, rank=0, world_size=1)
+    assert loader.stats["backend"] == backend and loader.stats["decode_device"] == "cpu"
+    for b in loader:
         for r, key in enumerate(b["key"]):
             idx = b["frame_indices"]["video"][r]  # (K, T)
             for v in range(idx.shape[0]):
@@ -214,9 +232,10 @@ def real_datasets(request, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("backend", ["pyav", "decord"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["enc", "copy"])
 def test_frame_exactness_on_real_clips(real_datasets, backend, kind):
+    _needs(backend)
     ds = real_datasets / kind
     members = _members(ds)
     c = cfg(ds, mode="views", views=2, frames=3, stride=7, augment="none", backend=backend, drop_last=False,
@@ -348,11 +367,35 @@ def test_state_from_other_world_size_or_workers_is_refused(dataset):
         {k: v for k, v in state.items() if k != "plan"})
 
 
-def test_decode_stage_main_gives_the_same_batches(dataset):
-    a = list(build_loader(cfg(dataset), rank=0, world_size=1))
-    b = list(build_loader(cfg(dataset, decode_stage="main"), rank=0, world_size=1))
+@pytest.mark.parametrize("mode", ["ssl", "clip", "views"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_stage_main_gives_the_same_batches(dataset, backend, mode):
+    # The main-process stage (batched augmentation of the whole batch) with any backend gives the
+    # worker stage's batches exactly: same frames, same per-clip augmentation.
+    _needs(backend)
+    a = list(build_loader(cfg(dataset, mode=mode, backend="pyav"), rank=0, world_size=1))
+    loader = build_loader(cfg(dataset, mode=mode, decode_stage="main", backend=backend), rank=0, world_size=1)
+    b = list(loader)
+    assert loader.stats["backend"] == backend
     assert len(a) == len(b)
     for x, y in zip(a, b):
+        _same(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_stage_main_resumes_mid_epoch(dataset, backend):
+    _needs(backend)
+    c = cfg(dataset, decode_stage="main", backend=backend, mode="clip")
+    full = list(build_loader(c, rank=0, world_size=1))
+    a = build_loader(c, rank=0, world_size=1)
+    it = iter(a)
+    next(it)
+    next(it)
+    b = build_loader(c, rank=0, world_size=1)
+    b.load_state_dict(a.state_dict())
+    rest = list(b)
+    assert len(rest) == len(full) - 2
+    for x, y in zip(rest, full[2:]):
         _same(x, y)
 
 
@@ -485,8 +528,10 @@ def test_no_usable_sample_in_a_workers_plan_is_one_clear_line(dataset, tmp_path,
     loader.close()
 
 
-@pytest.mark.parametrize("stage", ["worker", "main"])
-def test_undecodable_sample_is_skipped(dataset, tmp_path, stage):
+@pytest.mark.parametrize("stage,backend", [("worker", "pyav"), ("main", "pyav"), ("main", "decord"),
+                                           ("main", "torchcodec"), ("worker", "torchcodec")])
+def test_undecodable_sample_is_skipped(dataset, tmp_path, stage, backend):
+    _needs(backend)
     ds = tmp_path / "garbage"
     ds.mkdir()
     shutil.copy(dataset / "index.json", ds / "index.json")
@@ -500,7 +545,7 @@ def test_undecodable_sample_is_skipped(dataset, tmp_path, stage):
                 m.size = len(blob)
                 dst.addfile(m, io.BytesIO(blob))
     loader = build_loader(cfg(ds, mode="clip", augment="none", max_error_fraction=0.5, drop_last=False,
-                              shuffle=False, decode_stage=stage),
+                              shuffle=False, decode_stage=stage, backend=backend),
                           rank=0, world_size=1)
     batches = list(loader)
     assert loader.stats["errors"] == {"decode": 1}

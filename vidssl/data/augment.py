@@ -14,7 +14,7 @@ import random
 
 import torch
 
-__all__ = ["train_params", "apply_train", "eval_views", "TrainParams"]
+__all__ = ["train_params", "apply_train", "apply_train_many", "eval_views", "TrainParams"]
 
 
 class TrainParams:
@@ -81,15 +81,47 @@ def train_params(h: int, w: int, cfg, rng: random.Random) -> TrainParams:
 
 def apply_train(x: torch.Tensor, p: TrainParams, size: int) -> torch.Tensor:
     """(T, C, H, W) uint8 → (T, C, size, size) uint8 with parameters ``p`` on every frame."""
+    return apply_train_many([x], [p], size)[0]
+
+
+def apply_train_many(clips: list[torch.Tensor], params: list[TrainParams], size: int) -> list[torch.Tensor]:
+    """Clips ``(T_i, C, H_i, W_i)`` uint8, each with its own parameters → ``(T_i, C, size, size)`` uint8.
+
+    The one implementation of the train augmentation, on whatever device the clips are (CPU in the
+    loader's workers, the GPU after NVDEC decoding). Crop + resize run per clip (each has its own box);
+    flip, channel order, colour jitter and grayscale run batched over every clip of the same length
+    with per-clip factors, in per-clip op order (clips are grouped by it), so a batch costs a few
+    kernel launches per op instead of a few per clip. Per clip, the result equals applying the ops to
+    that clip alone.
+    """
     import torchvision.transforms.v2.functional as F  # noqa: PLC0415
 
-    top, left, h, w = p.box
-    x = F.resized_crop(x, top, left, h, w, [size, size], antialias=True)
-    if p.flip:
-        x = x.flip(-1)
-    if p.perm is not None and x.shape[-3] == 3:
-        x = x[..., list(p.perm), :, :]
-    return _colour(x, p.jitter, p.gray)
+    out: list[torch.Tensor | None] = [None] * len(clips)
+    cropped = []
+    for x, p in zip(clips, params):
+        top, left, h, w = p.box
+        x = F.resized_crop(x, top, left, h, w, [size, size], antialias=True)
+        if p.flip:
+            x = x.flip(-1)
+        if p.perm is not None and x.shape[-3] == 3:
+            x = x[..., list(p.perm), :, :]
+        cropped.append(x)
+    # Group by what the colour chain does (op order, grayscale) and by clip shape, so each group is
+    # one stacked tensor (N, T, C, size, size).
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, p) in enumerate(zip(cropped, params)):
+        groups.setdefault((tuple(n for n, _ in p.jitter), p.gray, tuple(x.shape)), []).append(i)
+    for (names, gray, _shape), idx in groups.items():
+        if not names and not gray:
+            for i in idx:
+                out[i] = cropped[i].contiguous()
+            continue
+        xs = cropped[idx[0]].unsqueeze(0) if len(idx) == 1 else torch.stack([cropped[i] for i in idx])
+        factors = [[params[i].jitter[k][1] for i in idx] for k in range(len(names))]
+        res = _colour_batch(xs, names, factors, gray)
+        for j, i in enumerate(idx):
+            out[i] = res[j]
+    return out  # type: ignore[return-value]
 
 
 # torchvision's luma weights (rgb_to_grayscale), so the result matches its colour jitter.
@@ -103,7 +135,15 @@ def _luma(y: torch.Tensor) -> torch.Tensor:
 
 
 def _colour(x: torch.Tensor, jitter: list, gray: bool) -> torch.Tensor:
-    """Colour jitter (in the drawn order) then grayscale on a cropped uint8 clip (T, C, h, w).
+    """:func:`_colour_batch` of one clip (T, C, h, w) with its ``jitter`` list of (name, factor)."""
+    if not jitter and not gray:
+        return x.contiguous()
+    return _colour_batch(x.unsqueeze(0), tuple(n for n, _ in jitter), [[f] for _, f in jitter], gray)[0]
+
+
+def _colour_batch(x: torch.Tensor, names: tuple, factors: list[list[float]], gray: bool) -> torch.Tensor:
+    """Colour jitter (ops ``names`` in this order, ``factors[k][n]`` for clip n) then grayscale on
+    cropped uint8 clips (N, T, C, h, w).
 
     Same formulas as torchvision's adjust_brightness/contrast/saturation and rgb_to_grayscale
     (blend with black, the per-frame mean luma, the per-pixel luma; clamp to [0, 255] after each
@@ -111,24 +151,25 @@ def _colour(x: torch.Tensor, jitter: list, gray: bool) -> torch.Tensor:
     instead of a float round trip and several temporaries per op (this chain was ~3/4 of the
     train-augmented loader's time). Results differ from torchvision's by at most a few levels
     (torchvision truncates to uint8 after every op)."""
-    if not jitter and not gray:
-        return x.contiguous()
-    y = x.float()  # (T, C, h, w) in [0, 255]
-    for name, f in jitter:
+    y = x.float()  # (N, T, C, h, w) in [0, 255]
+    shape = (-1,) + (1,) * (y.dim() - 1)
+    for name, fs in zip(names, factors):
+        if name == "hue":  # rotation in HSV space, rare (hue=0 by default): torchvision on uint8, per clip
+            import torchvision.transforms.v2.functional as F  # noqa: PLC0415
+
+            y = torch.stack([F.adjust_hue(c.round().to(torch.uint8), f).float() for c, f in zip(y, fs)])
+            continue
+        f = torch.tensor(fs, dtype=y.dtype, device=y.device).view(shape)  # (N, 1, 1, 1, 1)
         if name == "brightness":
             y.mul_(f)
         elif name == "contrast":
-            mean = _luma(y).mean(dim=(-3, -2, -1), keepdim=True)  # (T, 1, 1, 1): per-frame mean luma
-            y.mul_(f).add_(mean, alpha=1.0 - f)
-        elif name == "saturation":
-            luma = _luma(y)  # (T, 1, h, w), taken before y is scaled in place
-            y.mul_(f).add_(luma, alpha=1.0 - f)
-        else:  # hue: rotation in HSV space, rare (hue=0 by default): torchvision on uint8
-            import torchvision.transforms.v2.functional as F  # noqa: PLC0415
-
-            y = F.adjust_hue(y.round_().to(torch.uint8), f).float()
+            mean = _luma(y).mean(dim=(-3, -2, -1), keepdim=True)  # (N, T, 1, 1, 1): per-frame mean luma
+            y.mul_(f).add_(mean * (1.0 - f))
+        else:  # saturation
+            luma = _luma(y)  # (N, T, 1, h, w), taken before y is scaled in place
+            y.mul_(f).add_(luma * (1.0 - f))
         y.clamp_(0.0, 255.0)
-    if gray:  # the same luma in every channel: (T, 1, h, w) → (T, 3, h, w)
+    if gray:  # the same luma in every channel: (N, T, 1, h, w) → (N, T, 3, h, w)
         return _luma(y).round_().to(torch.uint8).expand_as(x).contiguous()
     return y.round_().to(torch.uint8)
 

@@ -51,7 +51,10 @@ class DataConfig(Config):
     # ---- workers and decoding ---------------------------------------------------------------
     workers: int = field(default=2, metadata=spec(ge=0, help="DataLoader worker processes (0: in the main process)"))
     prefetch: int = field(default=2, metadata=spec(ge=1, help="batches prefetched per worker"))
-    backend: str = field(default="pyav", metadata=spec(choices=("pyav", "decord"), help="CPU decoder"))
+    backend: str = field(default="auto", metadata=spec(
+        choices=("auto", "pyav", "decord", "torchcodec"),
+        help="decoder: auto (PyAV on the CPU, torchcodec on cuda), pyav, decord (CPU), or torchcodec "
+             "(CPU or NVDEC; needs the system FFmpeg libraries); the one that ran is in loader.stats['backend']"))
     decode_threads: int = field(default=1, metadata=spec(ge=1, help="decoder threads per worker"))
     decode_timeout: float = field(default=60.0, metadata=spec(
         gt=0, help="seconds one sample's decode may take before it is abandoned and counted"))
@@ -59,7 +62,11 @@ class DataConfig(Config):
         choices=("worker", "main"),
         help="where decoding runs: in the workers, or in the main process on bytes the workers send"))
     decode_device: str = field(default="cpu", metadata=spec(
-        choices=("cpu", "cuda"), help="main-stage decoding device (cuda: torchcodec NVDEC, unverified)"))
+        choices=("cpu", "cuda"), help="main-stage decoding and augmentation device (cuda: torchcodec on "
+                                      "NVDEC, augmentation on the GPU; needs decode_stage=main)"))
+    decode_fallback: str = field(default="error", metadata=spec(
+        choices=("error", "cpu"), help="when decode_device=cuda cannot be had: error (before any batch, "
+                                       "saying what is missing) or cpu (decode on the CPU, with a warning)"))
     pin_memory: bool = field(default=False, metadata=spec(help="pin batch memory (for GPU training)"))
 
     # ---- augmentation -----------------------------------------------------------------------
@@ -116,6 +123,9 @@ class DataConfig(Config):
         if self.decode_device == "cuda" and self.decode_stage != "main":
             raise ConfigError(self._key("decode_device") + ": got 'cuda' with decode_stage 'worker'; allowed: "
                               "decode_stage=main (CUDA must never be initialised in forked workers)")
+        if self.decode_device == "cuda" and self.backend in ("pyav", "decord"):
+            raise ConfigError(self._key("backend") + f": got {self.backend!r} with decode_device 'cuda'; allowed: "
+                              "torchcodec or auto (the only GPU decoder), or decode_device=cpu")
         if self.eval_crops == 3 and self.mode != "views":
             raise ConfigError(self._key("eval_crops") + f": got 3 with mode {self.mode!r}; allowed: 3 only with "
                               "mode=views (one clip per sample otherwise)")

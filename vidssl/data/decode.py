@@ -19,7 +19,11 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Decoder", "PyAVDecoder", "DecordDecoder", "make_decoder", "full_decode", "DecodeError"]
+__all__ = ["Decoder", "PyAVDecoder", "DecordDecoder", "TorchCodecDecoder", "make_decoder", "resolve_backend",
+           "full_decode", "DecodeError", "BACKENDS"]
+
+#: Decoder backends by name; ``auto`` resolves to one of them (see :func:`resolve_backend`).
+BACKENDS = ("pyav", "decord", "torchcodec")
 
 
 class DecodeError(Exception):
@@ -44,6 +48,14 @@ class Decoder:
 
     def _decode_sorted(self, data: bytes, want: list[int], meta: dict) -> np.ndarray:  # (len(want), H, W, 3)
         raise NotImplementedError
+
+    def decode_tensor(self, data: bytes, indices: Sequence[int], meta: dict):
+        """Like :meth:`decode`, as a ``(len(indices), C, H, W)`` uint8 torch tensor on the decoder's device."""
+        import torch  # noqa: PLC0415
+
+        # PyAV's frames are (N, 3, H, W) in memory (see _FrameSink): the permute makes them a
+        # contiguous (N, C, H, W) tensor with no copy; decord's are HWC: a strided view until collated.
+        return torch.from_numpy(self.decode(data, indices, meta)).permute(0, 3, 1, 2)
 
 
 class PyAVDecoder(Decoder):
@@ -252,12 +264,87 @@ class DecordDecoder(Decoder):
             del vr
 
 
-def make_decoder(backend: str, threads: int = 1) -> Decoder:
+class TorchCodecDecoder(Decoder):
+    """torchcodec (FFmpeg through torch): on the CPU, or on an NVIDIA GPU's video decoder (NVDEC) with
+    ``device="cuda"``, where frames stay on the GPU. Needs the FFmpeg shared libraries (4 to 8) on the
+    system; :mod:`vidssl.data.cuda` checks the CUDA side before a loader starts.
+
+    Frames are numbered by presentation order from a scan of the whole stream (``seek_mode="exact"``),
+    the same numbering PyAV's decoder uses here (including stream-copied, variable-frame-rate clips),
+    and equal PyAV's frames bit for bit on the CPU (tests/test_data_decode_backends.py)."""
+
+    name = "torchcodec"
+
+    def __init__(self, threads: int = 1, device: str = "cpu") -> None:
+        self.threads, self.device = threads, device
+
+    def decode_tensor(self, data: bytes, indices: Sequence[int], meta: dict):
+        import torch  # noqa: PLC0415
+        from torchcodec.decoders import VideoDecoder  # noqa: PLC0415
+
+        want = sorted(set(int(i) for i in indices))
+        if not want:
+            raise DecodeError("no frames requested")
+        try:
+            dec = VideoDecoder(data, device=self.device, seek_mode="exact",
+                               num_ffmpeg_threads=self.threads if self.device == "cpu" else 1)
+            n = len(dec)
+            if want[-1] >= n:
+                raise DecodeError(f"torchcodec: frame {want[-1]} requested; the video has {n} frames")
+            frames = dec.get_frames_at(indices=want).data  # (len(want), C, H, W) uint8 on self.device
+        except DecodeError:
+            raise
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise DecodeError(f"torchcodec: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        if len(want) == len(indices) and all(int(a) == b for a, b in zip(indices, want)):
+            return frames
+        pos = {f: i for i, f in enumerate(want)}
+        return frames[torch.tensor([pos[int(i)] for i in indices], device=frames.device)]
+
+    def _decode_sorted(self, data: bytes, want: list[int], meta: dict) -> np.ndarray:
+        return self.decode_tensor(data, want, meta).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def torchcodec_available() -> str | None:
+    """None when torchcodec imports and finds its FFmpeg libraries, else why not (one line)."""
+    try:
+        import torchcodec.decoders  # noqa: F401, PLC0415
+    except ImportError as exc:
+        if "torchcodec" in str(exc) and "No module named" in str(exc):
+            return "torchcodec is not installed (pip install torchcodec)"
+        return f"torchcodec cannot load ({_first_line(exc)})"
+    except (RuntimeError, OSError) as exc:
+        return (f"torchcodec cannot load its FFmpeg libraries ({_first_line(exc)}); install FFmpeg 4-8 "
+                "shared libraries (Debian/Ubuntu: apt-get install ffmpeg)")
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def resolve_backend(backend: str, device: str = "cpu") -> str:
+    """The backend ``backend`` (``auto`` or one of :data:`BACKENDS`) means on ``device``.
+
+    ``auto``: torchcodec on ``cuda`` (the only GPU decoder); PyAV on the CPU, measured fastest there
+    for the short fixed-GOP clips vidssl shards hold (docs/benchmarks.md, "decoder backends")."""
+    if backend == "auto":
+        return "torchcodec" if device == "cuda" else "pyav"
+    return backend
+
+
+def make_decoder(backend: str, threads: int = 1, device: str = "cpu") -> Decoder:
+    backend = resolve_backend(backend, device)
+    if device == "cuda" and backend != "torchcodec":
+        raise ValueError(f"backend {backend!r} decodes on the CPU only; on cuda: torchcodec (or auto)")
     if backend == "pyav":
         return PyAVDecoder(threads)
     if backend == "decord":
         return DecordDecoder(threads)
-    raise ValueError(f"backend {backend!r}; allowed: pyav, decord")
+    if backend == "torchcodec":
+        return TorchCodecDecoder(threads, device)
+    raise ValueError(f"backend {backend!r}; allowed: auto, {', '.join(BACKENDS)}")
 
 
 def full_decode(data: bytes) -> np.ndarray:

@@ -37,6 +37,7 @@ from typing import Any, Iterator
 import torch
 
 from vidssl.data.config import DataConfig
+from vidssl.data.decode import resolve_backend, torchcodec_available
 from vidssl.data.decode_stage import DecodeStage
 from vidssl.data.guards import dead_worker_samples
 from vidssl.data.index import DatasetIndex, open_index
@@ -77,6 +78,8 @@ class VideoLoader:
         self._generation = 0  # counts iterations: an older, unfinished one must not steal batches
         self._ring_views: dict[tuple[int, int, str], torch.Tensor] = {}  # see wire.copy_out
         self.plan(0)  # fail early (e.g. too few samples) with the user's settings in the message
+        self.decode_device, self.backend = self._choose_decoder()
+        self.stats["backend"], self.stats["decode_device"] = self.backend, self.decode_device
 
     # -- public API --
     def plan(self, epoch: int | None = None) -> EpochPlan:
@@ -156,6 +159,34 @@ class VideoLoader:
         return self._iterate()
 
     # -- internals --
+    def _choose_decoder(self) -> tuple[str, str]:
+        """(device, backend) that will decode, checked before any batch: a clear UserError when the
+        configured one cannot run here (or, with ``decode_fallback: cpu``, the CPU with a warning)."""
+        c = self.cfg
+        device = c.decode_device
+        if device == "cuda":
+            from vidssl.data.cuda import cuda_decode_problem  # noqa: PLC0415 - imports torch.cuda
+
+            problem = cuda_decode_problem(c, [s.url for s in self.shards if s.samples])
+            if problem:
+                if c.decode_fallback != "cpu":
+                    raise UserError(f"data.decode_device=cuda: {problem}; set data.decode_device=cpu, or "
+                                    f"data.decode_fallback=cpu to fall back to CPU decoding with a warning")
+                log.warning("=" * 72)
+                log.warning("data.decode_device=cuda is not available: %s", problem)
+                log.warning("FALLING BACK TO CPU DECODING in the main process (decode_fallback=cpu): "
+                            "expect far fewer clips/s than on the GPU")
+                log.warning("=" * 72)
+                device = "cpu"
+        backend = resolve_backend(c.backend, device)
+        if backend == "torchcodec" and device == "cpu":
+            why = torchcodec_available()
+            if why:
+                if c.backend == "torchcodec":
+                    raise UserError(f"data.backend=torchcodec: {why}; or set data.backend=auto (PyAV)")
+                backend = "pyav"  # auto after a cuda fallback: the CPU's default decoder
+        return device, backend
+
     def _reset_stats(self) -> None:
         self.stats = {"errors": collections.Counter(), "error_shards": collections.Counter(), "short": 0,
                       "epoch_errors": 0, "restarts": 0}
@@ -196,7 +227,8 @@ class VideoLoader:
         self.stats["epoch_errors"] = 0
         self.stats["error_shards"].clear()
         self._epoch_kinds.clear()
-        stage = DecodeStage(self.cfg, self._epoch) if self.cfg.decode_stage == "main" else None
+        stage = (DecodeStage(self.cfg, self._epoch, self.decode_device, self.backend)
+                 if self.cfg.decode_stage == "main" else None)
         while self._consumed < n:
             try:
                 for wb in self._batches(plan):
