@@ -74,6 +74,38 @@ class _CheckedReader:
         self.close()
 
 
+class _BackendReader:
+    """File-like wrapper of an fsspec file: a read that fails with the backend's own exception
+    type raises OSError (ConnectionError) instead, chained to it.
+
+    fsspec backends raise their transport's exceptions when a connection drops: s3fs, once its
+    own retries are spent, re-raises aiohttp.ClientPayloadError or a botocore error, neither an
+    OSError. ``read_segment`` retries and counts OSErrors only; anything else would stop the
+    worker (and the run) instead of being retried or counted as a ``read`` error.
+    """
+
+    def __init__(self, f, url: str) -> None:
+        self._f = f
+        self._url = url
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._f.read(n)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any transport failure of the backend is a read error
+            raise ConnectionError(f"{self._url}: {type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def open_stream(url: str, timeout: float = 60.0) -> IO[bytes]:
     """Open ``url`` for sequential reading. Raises :class:`ShardMissing` if it does not exist,
     another OSError (or ConnectionError, TimeoutError) when it cannot be read."""
@@ -100,11 +132,16 @@ def open_stream(url: str, timeout: float = 60.0) -> IO[bytes]:
         raise UserError(f"{url}: scheme {scheme!r} needs fsspec and its {scheme} backend "
                         f"(pip install fsspec and e.g. s3fs/gcsfs)") from None
     try:
-        return fsspec.open(url, "rb").open()
+        f = fsspec.open(url, "rb").open()
     except FileNotFoundError:
         raise ShardMissing(f"{url}: no such object") from None
     except (ImportError, ValueError) as exc:
         raise UserError(f"{url}: cannot open with fsspec: {exc}") from None
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. botocore's EndpointConnectionError, NoCredentialsError
+        raise OSError(f"{url}: {type(exc).__name__}: {exc}") from exc
+    return _BackendReader(f, url)  # type: ignore[return-value]
 
 
 @dataclass
