@@ -60,6 +60,12 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median reported)")
     p.add_argument("--memory-batches", type=int, default=60, help="batches read for the memory test")
     p.add_argument("--skip-memory", action="store_true", help="skip the 10 vs 1000 shard memory test")
+    p.add_argument("--backends", default="",
+                   help="also time the loader (augment none) with each of these decoder backends, comma-separated "
+                        "(e.g. pyav,torchcodec), in the workers and in the main-process stage, same shards; "
+                        "ratios against pyav in the workers, per repeat")
+    p.add_argument("--only-backends", action="store_true",
+                   help="with --backends: skip the tight-loop, VideoMAE and memory measurements")
     p.add_argument("--dir", default=None, help="work folder, reused when given (default: a temporary folder)")
     p.set_defaults(func=run)
 
@@ -307,6 +313,25 @@ def _peak_memory(ds, cfg, batches):
     return peak[0]
 
 
+def _backend_rates(cfg, backends, repeats, epochs) -> dict:
+    """Loader clips/s (median of ``repeats``) for each backend in the workers and in the main-process
+    stage (``decode_device: cpu``), and each one's median per-repeat ratio to pyav in the workers."""
+    import os  # noqa: PLC0415
+
+    sides = [("pyav", "worker")] + [(b, st) for b in backends for st in ("worker", "main") if (b, st) != ("pyav", "worker")]
+    rates: dict = {f"{b}/{st}": [] for b, st in sides}
+    for r in range(repeats):
+        line = []
+        for b, st in sides:
+            rate, _work = _loader_rate(cfg.replace(backend=b, decode_stage=st, seed=r), epochs)
+            rates[f"{b}/{st}"].append(rate)
+            line.append(f"{b}/{st} {rate:.1f}")
+        print(f"backends run {r + 1}: " + ", ".join(line) + f" clips/s; load {os.getloadavg()[0]:.1f}", flush=True)
+    base = rates["pyav/worker"]
+    return {k: {"clips_s": round(_median(v), 1),
+                "ratio_vs_pyav_worker": round(_median([a / b for a, b in zip(v, base)]), 3)} for k, v in rates.items()}
+
+
 def run(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
     import os  # noqa: PLC0415
@@ -318,7 +343,6 @@ def run(args: argparse.Namespace) -> int:
     from vidssl.data.index import open_index  # noqa: PLC0415
     from vidssl.data.stream import Sample, read_segment  # noqa: PLC0415
     from vidssl.errors import UserError  # noqa: PLC0415
-    from vidssl.shard import ShardConfig, run_shard  # noqa: PLC0415
 
     try:
         w, h = (int(x) for x in args.size.lower().split("x"))
@@ -346,6 +370,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--clip-seconds: got {args.clip_seconds}; allowed: 0 (whole videos) or > 0")
     ds = root / f"shards-s{args.short_side}-g{args.gop}-c{args.clip_seconds:g}"
     if not (ds / "index.json").exists():
+        # Imported only when sharding: importing the shard pipeline into this process measurably
+        # changed the loader's timings below (A/B in docs/benchmarks.md) although it never runs here.
+        from vidssl.shard import ShardConfig, run_shard  # noqa: PLC0415
+
         run_shard(ShardConfig(sources=[str(src)], output=str(ds), shard_samples=16, short_side=args.short_side,
                               gop=args.gop, workers=args.workers, clip_seconds=args.clip_seconds or None))
     # The shards' bytes and per-sample metadata: the tight loop's input, and the frame sizes the
@@ -370,6 +398,16 @@ def run(args: argparse.Namespace) -> int:
     import decord  # noqa: F401, PLC0415
     import torchvision.transforms.v2.functional  # noqa: F401, PLC0415
 
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in ("pyav", "decord", "torchcodec"):
+            raise UserError(f"--backends: got {b!r}; allowed: pyav, decord, torchcodec")
+    result: dict = {}
+    if backends:
+        result["backends"] = _backend_rates(none_cfg, backends, args.repeats, args.epochs)
+        if args.only_backends:
+            print(json.dumps(result, indent=1))
+            return 0
     rows, cpu_rows = [], []
     for r in range(args.repeats):
         (rate_none, work), cpu_none = _timed(_loader_rate, none_cfg.replace(seed=r), args.epochs)
@@ -386,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
               f"{cpu_rows[-1][2] / cpu_rows[-1][3]:.2f}x; load {os.getloadavg()[0]:.1f}", flush=True)
     col = list(zip(*rows))
     ccol = list(zip(*cpu_rows))
-    result = {"cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "videos": len(paths),
+    result = {**result, "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "videos": len(paths),
               "shard_samples": len(samples), "clip_seconds": args.clip_seconds,
               "synthetic": f"{args.videos} x {args.size}, {args.seconds}s, x264 g=250",
               "samples": not args.no_samples, "short_side": args.short_side, "gop": args.gop,
