@@ -34,24 +34,28 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` via a temporary name and a rename, fsyncing the file and its folder.
 
     Readers never see a partial file; on any error the temporary file is removed and the previous
-    content of ``path`` (if any) is untouched.
+    content of ``path`` (if any) is untouched. ``durable=False`` skips the two fsyncs: only for
+    hand-overs between live processes that nobody reads after a crash (the loader's job file), where
+    an fsync can wait for the file system to flush every other dirty file first.
     """
     path = os.fspath(path)
     tmp = f"{path}{TMP_MARK}{os.getpid()}"
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         unlink_quiet(tmp)
         raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    if durable:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -317,8 +317,9 @@ class VideoLoader:
             source: Any = iter(EpochDataset(c, self.shards, self.rank, job=job))
         else:
             dl, _markers, job_path = self._workers_pool()
-            # Before iter(): the persistent workers read it when they restart.
-            atomic_write_bytes(job_path, pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+            # Before iter(): the persistent workers read it when they restart. Not durable: it is a
+            # hand-over to live processes, meaningless after a crash.
+            atomic_write_bytes(job_path, pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL), durable=False)
             flags = dl.dataset.ring_flags
             flags.zero_()  # slots held by batches of an abandoned iteration: those are discarded unread
             source = iter(dl)
