@@ -432,6 +432,7 @@ class _ClipEncoder:
 
         self.start, self.end, self.span = start, end, span
         self.fps = fps
+        self.step = 1 / fps  # output frame interval; exact Fractions are slow: computed once
         self.index = 0  # next output frame index
         self.keyframes: list[int] = []
         self.last_time = start
@@ -453,7 +454,7 @@ class _ClipEncoder:
 
     def next_time(self) -> Fraction:
         """Source time shown by the next output frame: the middle of its interval (module docstring)."""
-        return self.start + (self.index + Fraction(1, 2)) * (1 / self.fps)
+        return self.start + (self.index + _HALF) * self.step
 
     def _mux(self, packets) -> None:
         for p in packets:
@@ -482,6 +483,9 @@ class _ClipEncoder:
             except Exception:  # noqa: BLE001 - already failing; the file is deleted next
                 pass
         unlink_quiet(self.path)
+
+
+_HALF = Fraction(1, 2)
 
 
 class _Shown(NamedTuple):
@@ -638,11 +642,13 @@ class _Transcoder:
         self._open_clips(a, b)
         shaped = None  # converted once, only when some clip uses this frame
         for clip in list(self.active):
-            while (t := clip.next_time()) < b and t < clip.end:
+            t = clip.next_time()
+            while t < b and t < clip.end:
                 if shaped is None:
                     shaped = self.shaper(raw)
                 clip.add(shaped, t)
-            if clip.next_time() >= clip.end:
+                t = clip.next_time()
+            if t >= clip.end:
                 self._finish(clip, clip.end)
 
     def _finish(self, clip: _ClipEncoder, end: Fraction) -> None:
