@@ -12,9 +12,9 @@ import shutil
 import tarfile
 import threading
 
-import numpy as np
 import pytest
 import torch
+from loaderkit import same, shard_videos, write_video
 
 from vidssl.config import ConfigError, parse_config_args
 from vidssl.data import DataConfig, build_loader
@@ -24,32 +24,10 @@ from vidssl.errors import RuntimeFailure, UserError
 av = pytest.importorskip("av")
 
 
-def _write_video(path, n, seed, w=64, h=48, fps=25):
-    """A small H.264 clip whose frames all differ (moving noise + a frame-counter bar)."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        s.options = {"g": "30", "bf": "2"}  # long GOP + B-frames in the source; the sharder re-encodes
-        for t in range(n):
-            f = np.roll(base, 3 * t, axis=1).copy()
-            f[:4, : (t % w)] = 255
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+_write_video = write_video
 
 
-def _shard(src_paths, out, labels=None, shard_samples=3, **kw):
-    from vidssl.shard import ShardConfig, run_shard
-
-    manifest = out.parent / (out.name + "-manifest.csv")
-    rows = ["path,label"] + [f"{p},{labels[i] if labels else ''}" for i, p in enumerate(src_paths)]
-    manifest.write_text("\n".join(rows) + "\n")
-    run_shard(ShardConfig(sources=[str(manifest)], output=str(out), shard_samples=shard_samples,
-                          short_side=kw.pop("short_side", 48), gop=kw.pop("gop", 8), workers=1, **kw))
-    return out
+_shard = shard_videos
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +61,7 @@ def cfg(ds, **kw):
     return DataConfig(**base)
 
 
-def _same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), k
-        elif isinstance(a[k], dict):
-            _same(a[k], b[k])
-        else:
-            assert a[k] == b[k], k
+_same = same  # exact batch equality (tests/loaderkit.py)
 
 
 # ---- batches ----------------------------------------------------------------------------------

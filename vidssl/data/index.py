@@ -40,7 +40,20 @@ def _join(base: str, name: str) -> str:
     return os.path.join(base, name)
 
 
-class _CheckedReader:
+class _Closing:
+    """A context manager that calls ``close()`` on exit (the read wrappers below)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _CheckedReader(_Closing):
     """File-like wrapper of an HTTP response: raises ConnectionError on a premature EOF.
 
     ``http.client`` returns b"" when a server closes the connection before Content-Length
@@ -67,14 +80,8 @@ class _CheckedReader:
     def close(self) -> None:
         self._resp.close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class _BackendReader:
+class _BackendReader(_Closing):
     """File-like wrapper of an fsspec file: a read that fails with the backend's own exception
     type raises OSError (ConnectionError) instead, chained to it.
 
@@ -98,12 +105,6 @@ class _BackendReader:
 
     def close(self) -> None:
         self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def open_stream(url: str, timeout: float = 60.0) -> IO[bytes]:
