@@ -141,11 +141,13 @@ def test_layer_wise_lr_decay_scales_each_layer():
 
 def test_knn_from_the_command_line(tmp_path, ssl_shards, pretrained_run, capsys):
     assert main(["evaluate", "--knn", str(pretrained_run), f"train={ssl_shards}", f"data={ssl_shards}", "workers=0",
-                 "k=5", f"output={tmp_path}"]) == 0
+                 "k=1", f"output={tmp_path}"]) == 0
     res = json.loads((tmp_path / "knn.json").read_text())
-    assert res["k"] == 5 and res["train"] == 27 and res["val"] == 27 and 0 <= res["top1"] <= 1
-    # Each video is its own nearest neighbour here (train == val), so it is far above chance (1/9).
-    assert res["top1"] > 0.5
+    assert res["k"] == 1 and res["train"] == 27 and res["val"] == 27 and 0 <= res["top1"] <= 1
+    # Each video is its own nearest neighbour here (train == val, deterministic eval clips), so with
+    # k=1 it votes for its own label. (With k=5 the test was flaky: after 3 pretraining steps the
+    # features of different videos can be so similar that four neighbours outvote the video itself.)
+    assert res["top1"] > 0.9
 
 
 @pytest.mark.slow
