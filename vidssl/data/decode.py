@@ -26,6 +26,14 @@ __all__ = ["Decoder", "PyAVDecoder", "DecordDecoder", "TorchCodecDecoder", "make
 BACKENDS = ("pyav", "decord", "torchcodec")
 
 
+#: ``av.open`` options: the stream probe (avformat_find_stream_info) decodes the first frames to learn
+#: parameters the decoder finds out by itself anyway (pixel format, delay); skipping that decode
+#: makes opening a 228x128 sample 2.5x cheaper (1.05 -> 0.42 ms; a 720p file: 15.5 -> 2.5 ms), about
+#: 4% of a 16-frame clip's decode. The option reaches only the probe's own decoder: the stream's
+#: decoder keeps ``skip_frame=DEFAULT``, and every frame stays bit-identical (tests/test_data_decode.py).
+_PROBE_WITHOUT_DECODING = {"skip_frame": "all"}
+
+
 class DecodeError(Exception):
     """The video bytes could not be decoded into the requested frames."""
 
@@ -91,7 +99,7 @@ class PyAVDecoder(Decoder):
             # (variable frame rate): there a frame's number is the rank of its timestamp among all
             # packets' (how the sharder counts them, docs/formats.md), read by one demux-only pass.
             table = _pts_table(av, data) if meta.get("copy") else None
-            with av.open(io.BytesIO(data), mode="r") as container:
+            with av.open(io.BytesIO(data), mode="r", options=_PROBE_WITHOUT_DECODING) as container:
                 stream = container.streams.video[0]
                 cc = stream.codec_context
                 cc.thread_type = "SLICE"  # never FRAME/AUTO: frame threading can mislabel frames
@@ -163,7 +171,7 @@ class PyAVDecoder(Decoder):
 def _pts_table(av, data: bytes) -> list[int] | None:
     """Sorted presentation timestamps of every video packet (demux only, no decode), or None when
     they cannot number the frames (a packet without a timestamp, or two with the same one)."""
-    with av.open(io.BytesIO(data), mode="r") as container:
+    with av.open(io.BytesIO(data), mode="r", options=_PROBE_WITHOUT_DECODING) as container:
         stream = container.streams.video[0]
         pts = []
         for packet in container.demux(stream):
