@@ -47,3 +47,14 @@ def shard_videos(src_paths, out, labels=None, shard_samples=3, **kw):
     run_shard(ShardConfig(sources=[str(manifest)], output=str(out), shard_samples=shard_samples,
                           short_side=kw.pop("short_side", 48), gop=kw.pop("gop", 8), workers=1, **kw))
     return out
+
+
+def labelled_dataset(root, count, frames, classes, **kw):
+    """``count`` clips (clip ``i`` has ``frames(i)`` frames, seed ``i``, label ``classes[i % len]``)
+    written under ``root`` and sharded into ``root / "ds"`` (``kw`` as for :func:`shard_videos`)."""
+    paths = []
+    for i in range(count):
+        p = root / f"clip{i:02d}.mp4"
+        write_video(p, frames(i), seed=i)
+        paths.append(p)
+    return shard_videos(paths, root / "ds", labels=[classes[i % len(classes)] for i in range(count)], **kw)

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 import torch
-from loaderkit import same, shard_videos, write_video
+from loaderkit import labelled_dataset, same, shard_videos, write_video
 
 from vidssl.config import ConfigError, parse_config_args
 from vidssl.data import DataConfig, build_loader
@@ -33,13 +33,7 @@ _shard = shard_videos
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """11 clips of 14..46 frames with labels → 4 uneven shards (3, 3, 3, 2)."""
-    root = tmp_path_factory.mktemp("data")
-    paths = []
-    for i in range(11):
-        p = root / f"clip{i:02d}.mp4"
-        _write_video(p, 14 + (i * 5) % 33, seed=i)
-        paths.append(p)
-    return _shard(paths, root / "ds", labels=[["left", "right", "up"][i % 3] for i in range(11)])
+    return labelled_dataset(tmp_path_factory.mktemp("data"), 11, lambda i: 14 + (i * 5) % 33, ["left", "right", "up"])
 
 
 def _members(ds):

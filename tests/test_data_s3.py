@@ -13,7 +13,7 @@ import tarfile
 import threading
 
 import pytest
-from loaderkit import same, shard_videos, write_video
+from loaderkit import labelled_dataset, same
 
 pytest.importorskip("s3fs", reason="s3:// datasets need s3fs (pip install -e .[s3]; it is in the dev extra)")
 pytest.importorskip("moto.server", reason="the S3 tests run a moto server (pip install 'moto[server]', in the dev extra)")
@@ -36,22 +36,11 @@ BLOCK = 4096
 
 # ---- data (same approach as tests/test_data_loader.py) ------------------------------------------
 
-_write_video = write_video
-
-
-_shard = shard_videos
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """6 clips of 14..30 frames, 64x48, labelled → 3 shards of 2 samples."""
-    root = tmp_path_factory.mktemp("s3data")
-    paths = []
-    for i in range(6):
-        p = root / f"clip{i:02d}.mp4"
-        _write_video(p, 14 + (i * 7) % 17, seed=i)
-        paths.append(p)
-    return _shard(paths, root / "ds", labels=[["left", "right"][i % 2] for i in range(6)], shard_samples=2)
+    return labelled_dataset(tmp_path_factory.mktemp("s3data"), 6, lambda i: 14 + (i * 7) % 17, ["left", "right"],
+                            shard_samples=2)
 
 
 def _tars(ds):
