@@ -327,6 +327,77 @@ def test_nan_losses_in_a_row_abort_the_run(tmp_path, ssl_shards, capsys):
     assert "3 non-finite losses in a row" in capsys.readouterr().err
 
 
+
+def test_an_update_deepspeed_skips_does_not_move_the_ema_targets():
+    """The loop with a stand-in engine whose step 2 (of 4) has non-finite gradients: DeepSpeed skips
+    that update, so the task's after_step (the EMA target update) runs for steps 0, 2, 3 only, and
+    the metrics row of the skipped step counts it and logs no gradient norm."""
+    from vidssl.train.loop import TrainState, train_loop
+
+    class Task(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ema_steps = []
+
+        def after_step(self, step):
+            self.ema_steps.append(step)
+
+    class Engine:
+        world_size, device = 1, torch.device("cpu")
+
+        def __init__(self):
+            self.module, self.calls = Task(), 0
+
+        def set_schedule(self, lr, wd):
+            pass
+
+        def forward(self, batch):
+            return {"loss": batch["x"].float().mean()}
+
+        def backward(self, loss):
+            pass
+
+        def step(self):
+            self.calls += 1
+            return True, float("nan") if self.calls == 2 else 1.0
+
+        def all_true(self, flag):
+            return flag
+
+        def mean_over_ranks(self, values):
+            return values
+
+    class Loader:
+        epoch = 0
+
+        def __len__(self):
+            return 2
+
+        def set_epoch(self, e):
+            self.epoch = e
+
+        def __iter__(self):
+            return iter([{"x": torch.ones(2)}, {"x": torch.zeros(2)}])
+
+    class Metrics:
+        def __init__(self):
+            self.rows = []
+
+        def log(self, row):
+            self.rows.append(row)
+
+    class Cfg:
+        max_steps, grad_accum, max_bad_steps, checkpoint_every = 4, 1, 3, 0
+        lr, min_lr, warmup_steps, schedule, weight_decay, weight_decay_end = 1e-3, 0.0, 0, "cosine", 0.0, None
+
+    engine, metrics = Engine(), Metrics()
+    state = train_loop(engine=engine, loader=Loader(), cfg=Cfg(), state=TrainState(), metrics=metrics,
+                       micro_batch=2, checkpoint=lambda s: None)
+    assert state.step == 4 and state.skipped == 1
+    assert engine.module.ema_steps == [0, 2, 3]
+    assert [r["grad_norm"] for r in metrics.rows] == [1.0, None, 1.0, 1.0]
+    assert [r["skipped"] for r in metrics.rows] == [0, 1, 1, 1]
+
 # ---- kill -9 and resume (subprocesses) ------------------------------------------------------------
 
 def _cli(*args: str) -> list[str]:

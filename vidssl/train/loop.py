@@ -5,7 +5,7 @@ each of ``grad_accum`` micro-batches: wait for a batch (timed: data wait), move 
 device as uint8 (normalised there by the model), forward, agree across ranks that the loss is
 finite, backward, engine step (on every micro-batch: DeepSpeed applies the update at the
 boundary and divides the loss by the accumulation steps itself). Then the task's ``after_step``
-(EMA), one metrics row, and a checkpoint every ``checkpoint_every`` steps and at the end.
+(EMA; not after an update DeepSpeed skipped), one metrics row, and a checkpoint every ``checkpoint_every`` steps and at the end.
 
 A non-finite loss on any rank skips that micro-batch on every rank (no backward, so no
 collective is left waiting) with a warning; ``max_bad_steps`` in a row abort the run.
@@ -93,6 +93,7 @@ def train_loop(*, engine, loader, cfg, state: TrainState, metrics,
         sums: dict[str, float] = {}
         micro = 0
         norm: float | None = None
+        applied = True  # False when DeepSpeed skipped this step's update (non-finite gradients)
         while micro < cfg.grad_accum:
             t0 = time.perf_counter()
             batch = next(batches)
@@ -116,6 +117,7 @@ def train_loop(*, engine, loader, cfg, state: TrainState, metrics,
             micro += 1
             if boundary and norm is not None and math.isnan(norm):
                 # DeepSpeed found non-finite gradients (bf16/fp16) and skipped the update itself.
+                applied = False
                 state.skipped += 1
                 state.bad_in_row += 1
                 log.warning("step %d: non-finite gradients; DeepSpeed skipped the update (%d in a row, limit %d)",
@@ -128,7 +130,10 @@ def train_loop(*, engine, loader, cfg, state: TrainState, metrics,
                 state.bad_in_row = 0
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-        module.after_step(state.step)
+        if applied:
+            # EMA targets follow the online weights only when they moved: after a skipped update the
+            # target would otherwise take one more step towards unchanged weights.
+            module.after_step(state.step)
         state.step += 1
         elapsed = time.perf_counter() - t_start
         values = engine.mean_over_ranks({k: v / cfg.grad_accum for k, v in sums.items()})
