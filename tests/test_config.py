@@ -222,6 +222,28 @@ def test_cross_field_checks_hold_on_assignment():
         cfg.gap_min = cfg.gap_max + 1
 
 
+
+def test_cross_section_checks_hold_on_assignment_to_a_nested_section():
+    """A section's assignment is also checked by the sections holding it (fine-tuning needs data.mode
+    clip), after pickling, copying and replace too, and a refused one leaves the value as it was."""
+    import copy
+    import pickle
+
+    from vidssl.train.config import FinetuneConfig
+
+    cfg = FinetuneConfig()
+    for c in (cfg, pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg), cfg.replace(train={"max_steps": 5})):
+        with pytest.raises(ConfigError, match="data.mode: got 'ssl'; fine-tuning trains on one clip"):
+            c.data.mode = "ssl"
+        assert c.data.mode == "clip"
+        c.data.frames = 4  # allowed by both sections
+        assert c.data.frames == 4
+    # A section replaced by another is no longer checked against cfg's current one.
+    data = cfg.data
+    cfg.data = data.replace(frames=6)
+    data.mode = "ssl"
+    assert cfg.data.mode == "clip"
+
 def test_replace_and_field_help():
     cfg = RootConfig().replace(seed=9)
     assert cfg.seed == 9

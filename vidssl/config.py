@@ -25,6 +25,7 @@ import difflib
 import math
 import types
 import typing
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
@@ -262,6 +263,12 @@ def _check_bounds(value: Any, meta: Mapping[str, Any], path: str) -> None:
                 raise ConfigError(f"{path}: got {v!r}; allowed: {allowed}")
 
 
+def _adopt(holder: Config, value: Any) -> None:
+    """Make ``holder`` the section ``value`` (when it is one) re-validates after its own assignments."""
+    if isinstance(value, Config):
+        object.__setattr__(value, "_parent", weakref.ref(holder))
+
+
 @dataclass(kw_only=True)
 class Config:
     """Base of every config section. Subclasses are ``@dataclass(kw_only=True)``.
@@ -280,6 +287,7 @@ class Config:
             value = _coerce(getattr(self, f.name), hints[f.name], key)
             _check_bounds(value, f.metadata, key)
             object.__setattr__(self, f.name, value)
+            _adopt(self, value)
         self.validate()
         object.__setattr__(self, "_validated", True)  # from now on assignments re-run validate()
 
@@ -360,18 +368,43 @@ class Config:
         if not self.__dict__.get("_validated"):  # during construction: __post_init__ validates once
             object.__setattr__(self, name, value)
             return
-        # The cross-field checks hold however a config is changed: an assignment that breaks one
-        # is refused and leaves the section as it was.
+        # The cross-field checks hold however a config is changed: an assignment that breaks one,
+        # in this section or in a section holding it (``finetune.data.mode`` is checked by the
+        # fine-tuning config), is refused and leaves the section as it was.
         old = self.__dict__.get(name, dataclasses.MISSING)
         object.__setattr__(self, name, value)
         try:
             self.validate()
+            for section in self._ancestors():
+                section.validate()
         except BaseException:
             if old is dataclasses.MISSING:
                 object.__delattr__(self, name)
             else:
                 object.__setattr__(self, name, old)
             raise
+        _adopt(self, value)
+
+    def _ancestors(self) -> list[Config]:
+        """The sections holding this one, innermost first (each section knows only its latest holder)."""
+        out: list[Config] = []
+        ref = self.__dict__.get("_parent")
+        while ref is not None:
+            holder = ref()
+            if holder is None or holder in out:
+                break
+            out.append(holder)
+            ref = holder.__dict__.get("_parent")
+        return out
+
+    # The holder link is a weak reference, which neither pickles nor needs to: it is rebuilt on load.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_parent"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for f in dataclasses.fields(self):
+            _adopt(self, self.__dict__.get(f.name))
 
     @classmethod
     def field_help(cls) -> list[tuple[str, str, Any, str]]:
