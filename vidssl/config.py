@@ -9,7 +9,10 @@ Every component declares its own section as a subclass of :class:`Config`::
 
 Values are checked on construction (``__post_init__``) against the type hint and the ``spec``
 metadata, so a bad value never survives into the program. Errors are :class:`ConfigError` and
-name the key path, the value given and what is allowed.
+name the key path, the value given and what is allowed. Assignments go through the same checks,
+including the cross-field ones (``validate``) of the section and of every section holding it; a
+refused assignment leaves the config as it was. (List values changed in place, ``cfg.weights.append``,
+are not seen: assign a new list, or use :meth:`Config.replace`.)
 
 Loading (:func:`load_config`) merges, in order: the dataclass defaults, a YAML file (which may
 ``extends:`` another YAML file, resolved relative to itself), and dotted ``key=value`` overrides
