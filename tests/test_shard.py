@@ -857,3 +857,24 @@ def test_first_frame_after_the_stream_start_is_not_repeated(tmp_path):
     assert spans == [(1.0, 2.0, 12)], spans  # [0.5, 1.0) and the tail [2.0, 2.5) are 0.5 s < 0.6 s
     assert s["dropped_short"] == 2
     assert [(e["start"], e["end"]) for e in errors_of(out2)] == [(0.5, 1.0), (2.0, 2.5)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads the worker's environment from /proc")
+def test_shard_workers_get_fixed_malloc_thresholds_unless_the_user_sets_them(monkeypatch):
+    """Adaptive glibc thresholds made workers fault their buffers in again for every input (~15% of
+    their CPU on small inputs); the fixed ones are set for the worker processes only, and a user's
+    own MALLOC_* settings win."""
+    from vidssl.shard.pipeline import _Worker
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    w = _Worker()
+    try:
+        raw = Path(f"/proc/{w.proc.pid}/environ").read_bytes().decode()
+    finally:
+        w.kill()
+    env = dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "12345"
+    assert env["MALLOC_PERTURB_"] == "85"
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # the parent's own environment is untouched
