@@ -394,7 +394,7 @@ class Config:
         ref = self.__dict__.get("_parent")
         while ref is not None:
             holder = ref()
-            if holder is None or holder in out:
+            if holder is None or any(h is holder for h in out):  # identity: equal sections are not the same
                 break
             out.append(holder)
             ref = holder.__dict__.get("_parent")

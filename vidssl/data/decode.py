@@ -30,7 +30,7 @@ BACKENDS = ("pyav", "decord", "torchcodec")
 #: parameters the decoder finds out by itself anyway (pixel format, delay); skipping that decode
 #: makes opening a 228x128 sample 2.5x cheaper (1.05 -> 0.42 ms; a 720p file: 15.5 -> 2.5 ms), about
 #: 4% of a 16-frame clip's decode. The option reaches only the probe's own decoder: the stream's
-#: decoder keeps ``skip_frame=DEFAULT``, and every frame stays bit-identical (tests/test_data_decode.py).
+#: decoder keeps ``skip_frame=DEFAULT``, and every frame stays bit-identical (tests/test_data_loader.py).
 _PROBE_WITHOUT_DECODING = {"skip_frame": "all"}
 
 
