@@ -222,7 +222,6 @@ def test_cross_field_checks_hold_on_assignment():
         cfg.gap_min = cfg.gap_max + 1
 
 
-
 def test_cross_section_checks_hold_on_assignment_to_a_nested_section():
     """A section's assignment is also checked by the sections holding it (fine-tuning needs data.mode
     clip), after pickling, copying and replace too, and a refused one leaves the value as it was."""
@@ -243,6 +242,7 @@ def test_cross_section_checks_hold_on_assignment_to_a_nested_section():
     cfg.data = data.replace(frames=6)
     data.mode = "ssl"
     assert cfg.data.mode == "clip"
+
 
 def test_replace_and_field_help():
     cfg = RootConfig().replace(seed=9)

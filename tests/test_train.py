@@ -327,7 +327,6 @@ def test_nan_losses_in_a_row_abort_the_run(tmp_path, ssl_shards, capsys):
     assert "3 non-finite losses in a row" in capsys.readouterr().err
 
 
-
 def test_an_update_deepspeed_skips_does_not_move_the_ema_targets():
     """The loop with a stand-in engine whose step 2 (of 4) has non-finite gradients: DeepSpeed skips
     that update, so the task's after_step (the EMA target update) runs for steps 0, 2, 3 only, and
@@ -397,6 +396,7 @@ def test_an_update_deepspeed_skips_does_not_move_the_ema_targets():
     assert engine.module.ema_steps == [0, 2, 3]
     assert [r["grad_norm"] for r in metrics.rows] == [1.0, None, 1.0, 1.0]
     assert [r["skipped"] for r in metrics.rows] == [0, 1, 1, 1]
+
 
 # ---- kill -9 and resume (subprocesses) ------------------------------------------------------------
 

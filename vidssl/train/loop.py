@@ -5,7 +5,8 @@ each of ``grad_accum`` micro-batches: wait for a batch (timed: data wait), move 
 device as uint8 (normalised there by the model), forward, agree across ranks that the loss is
 finite, backward, engine step (on every micro-batch: DeepSpeed applies the update at the
 boundary and divides the loss by the accumulation steps itself). Then the task's ``after_step``
-(EMA; not after an update DeepSpeed skipped), one metrics row, and a checkpoint every ``checkpoint_every`` steps and at the end.
+(EMA; not after an update DeepSpeed skipped), one metrics row, and a checkpoint every
+``checkpoint_every`` steps and at the end.
 
 A non-finite loss on any rank skips that micro-batch on every rank (no backward, so no
 collective is left waiting) with a warning; ``max_bad_steps`` in a row abort the run.
