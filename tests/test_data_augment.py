@@ -156,6 +156,64 @@ def test_pyav_decoder_numbers_stream_copied_vfr_frames_by_timestamp_rank():
         assert np.array_equal(PyAVDecoder(1).decode(data, idx, meta), ref[idx]), idx
 
 
+def _plans(n):
+    """Frame lists a loader asks for: stride 2 from an even and an odd start, stride 1, stride 4,
+    and scattered frames across several GOPs."""
+    return [list(range(0, 16, 2)), list(range(13, 29, 2)), list(range(20, 28)), list(range(2, n, 4)),
+            [1, 7, 8, 30, 31, n - 1], [n - 2, n - 1]]
+
+
+@pytest.mark.parametrize("bframes,copy", [(2, False), (3, False), (3, True)])
+def test_pyav_decoder_skips_unwanted_non_reference_pictures_without_changing_frames(bframes, copy):
+    # x264 B-frames (3: with b-pyramid, where the middle B-frame is a reference) are not decoded
+    # when no wanted frame needs them; every returned frame stays bit-identical to a full decode.
+    data, keys = _encode("libx264", [40 * t for t in range(48)], gop=12, bframes=bframes)
+    ref = full_decode(data)
+    meta = {"fps": 25.0, "frames": 48, "keyframes": keys, "copy": copy}
+    skipping, plain = PyAVDecoder(1), PyAVDecoder(1, skip_nonref=False)
+    for idx in _plans(48):
+        assert np.array_equal(skipping.decode(data, idx, meta), ref[idx]), idx
+        assert np.array_equal(plain.decode(data, idx, meta), ref[idx]), idx
+    # Fewer pictures decoded (the plain decoder decodes every packet it is sent; the skipping one
+    # drains the decoder, so it returns every picture it decoded), and no packet fed past the last
+    # wanted one: without the drain, B-frame reordering needs later pictures to release the last.
+    assert skipping.frames_decoded < 0.9 * plain.packets_sent
+    assert skipping.packets_sent < plain.packets_sent
+    # Stride 2 from a keyframe: B-frames between the wanted frames are dropped.
+    stride2 = PyAVDecoder(1)
+    stride2.decode(data, list(range(0, 12, 2)), meta)
+    assert stride2.frames_decoded < stride2.packets_sent
+
+
+@pytest.mark.parametrize("copy,skips", [(False, True), (True, False)])
+def test_pyav_decoder_skips_hevc_pictures_only_in_re_encoded_clips(copy, skips):
+    # HEVC "non-reference" pictures may be referenced from a higher temporal sub-layer in footage
+    # from elsewhere (stream-copied clips); vidssl's own encodes have one sub-layer.
+    if "libx265" not in av.codecs_available:
+        pytest.skip("no libx265 encoder in this PyAV build")
+    data, keys = _encode("libx265", [40 * t for t in range(36)], gop=12, bframes=3)
+    ref = full_decode(data)
+    meta = {"fps": 25.0, "frames": 36, "keyframes": keys, "copy": copy}
+    dec, plain = PyAVDecoder(1), PyAVDecoder(1, skip_nonref=False)
+    for idx in _plans(36):
+        assert np.array_equal(dec.decode(data, idx, meta), ref[idx]), idx
+        plain.decode(data, idx, meta)
+    assert (dec.frames_decoded < plain.frames_decoded) is skips
+
+
+def test_pyav_decoder_decodes_every_picture_of_codecs_it_does_not_skip_in():
+    if "mpeg4" not in av.codecs_available:
+        pytest.skip("no mpeg4 encoder in this PyAV build")
+    data, keys = _encode("mpeg4", [40 * t for t in range(36)], gop=12, bframes=2)
+    ref = full_decode(data)
+    meta = {"fps": 25.0, "frames": 36, "keyframes": keys}
+    dec, plain = PyAVDecoder(1), PyAVDecoder(1, skip_nonref=False)
+    for idx in _plans(36):
+        assert np.array_equal(dec.decode(data, idx, meta), ref[idx]), idx
+        plain.decode(data, idx, meta)
+    assert (dec.frames_decoded, dec.packets_sent) == (plain.frames_decoded, plain.packets_sent)
+
+
 def test_decord_backend_hands_codecs_it_cannot_open_to_pyav():
     # decord's bundled FFmpeg has no AV1 decoder ("cannot find video stream"), but the sharder can
     # write AV1 (codec=av1): the decord backend must still return the reference frames.

@@ -3,7 +3,9 @@
 Only the frames a plan needs are decoded: needed frames are grouped by the keyframe that
 precedes them (from the sample's metadata); each group costs one seek to that keyframe and a
 forward decode to the group's last frame. Frame numbers are presentation-order indices, as in
-docs/formats.md.
+docs/formats.md. On the way, PyAV does not decode the pictures no other picture references (the
+non-reference B-frames of H.264) unless the plan keeps them, and stops feeding packets once every
+wanted picture is in the decoder (it is drained instead of decoding later pictures to release them).
 
 Safety settings: PyAV decodes with slice threading only (``thread_type="AUTO"`` enables frame
 threading, which can mislabel frames) and ``decode_threads`` threads (1 by default: parallelism
@@ -66,17 +68,40 @@ class Decoder:
         return torch.from_numpy(self.decode(data, indices, meta)).permute(0, 3, 1, 2)
 
 
+#: Codecs whose FFmpeg decoder may skip non-reference pictures packet by packet without changing any
+#: other picture: in H.264 a slice with ``nal_ref_idc == 0`` is, by the standard, never referenced.
+#: HEVC's "non-reference" NAL types (TRAIL_N, ...) are only so within their temporal sub-layer, and a
+#: stream with several sub-layers (phones record such) may reference them from a higher one, so HEVC is
+#: skipped only in clips vidssl re-encoded (one sub-layer); other codecs always decode every picture.
+_SKIP_NONREF = {"h264": "always", "hevc": "reencoded"}
+
+
 class PyAVDecoder(Decoder):
-    """PyAV (FFmpeg) from memory; seeks to the keyframe preceding each group of needed frames."""
+    """PyAV (FFmpeg) from memory; seeks to the keyframe preceding each group of needed frames, and
+    skips the non-reference pictures the plan does not keep (see :func:`_decoded_frames`).
+
+    ``frames_decoded`` and ``packets_sent`` count, over this decoder's life, the pictures FFmpeg
+    returned and the packets it was given: their ratio is the share of pictures actually decoded."""
 
     name = "pyav"
     #: Skip ahead by seeking only past more than this many frames (see _decode_sorted).
     SEEK_MIN_SKIP = 8
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, skip_nonref: bool = True) -> None:
         self.threads = threads
+        self.skip_nonref = skip_nonref
+        self.frames_decoded = 0
+        self.packets_sent = 0
 
     def _decode_sorted(self, data: bytes, want: list[int], meta: dict) -> np.ndarray:
+        frames = self._decode_sorted_once(data, want, meta, self.skip_nonref)
+        if frames is None:
+            # A wanted frame did not come out with skipping: a stream whose frames do not carry their
+            # packets' timestamps, or a frame past the end. Decode every picture (raises if still missing).
+            frames = self._decode_sorted_once(data, want, meta, False)
+        return frames
+
+    def _decode_sorted_once(self, data: bytes, want: list[int], meta: dict, skip_nonref: bool) -> np.ndarray | None:
         import av  # noqa: PLC0415 - imported in the worker that uses it
         from av.video.reformatter import VideoReformatter  # noqa: PLC0415
 
@@ -94,6 +119,7 @@ class PyAVDecoder(Decoder):
             else:
                 groups.append([f])
         out = _FrameSink(want)
+        counts = [0, 0]  # pictures decoded, packets sent
         try:
             # Stream-copied clips keep their source's timestamps, which need not sit on a 1/fps grid
             # (variable frame rate): there a frame's number is the rank of its timestamp among all
@@ -104,6 +130,8 @@ class PyAVDecoder(Decoder):
                 cc = stream.codec_context
                 cc.thread_type = "SLICE"  # never FRAME/AUTO: frame threading can mislabel frames
                 cc.thread_count = self.threads
+                rule = _SKIP_NONREF.get(cc.name)
+                skip = skip_nonref and (rule == "always" or (rule == "reencoded" and not meta.get("copy")))
                 tb = float(stream.time_base)
                 start = stream.start_time or 0
                 number = _FrameNumbers(table, fps, tb, start)
@@ -115,19 +143,24 @@ class PyAVDecoder(Decoder):
                     k = keyframes[bisect.bisect_right(keyframes, group[0]) - 1]
                     # A freshly opened container is at frame 0: no seek needed to start there.
                     seek = g > 0 or k > 0
-                    if not self._decode_group(container, stream, group, k, number, out, rgb, seek):
+                    if not self._decode_group(container, stream, group, k, number, out, rgb, seek, skip, counts):
                         # The seek landed after the keyframe, or on a picture that is not one (a
                         # container index marking every sample as a sync sample): decode from the start.
-                        self._decode_group(container, stream, group, 0, number, out, rgb, True)
+                        self._decode_group(container, stream, group, 0, number, out, rgb, True, skip, counts)
         except av.error.FFmpegError as exc:
             raise DecodeError(f"pyav: {exc}") from None
+        finally:
+            self.frames_decoded += counts[0]
+            self.packets_sent += counts[1]
         missing = [f for f in want if f not in out]
         if missing:
+            if skip:
+                return None  # the caller decodes again without skipping
             raise DecodeError(f"pyav: frames {missing[:5]} not found (metadata says {meta.get('frames')} frames)")
         return out.frames()
 
     @staticmethod
-    def _decode_group(container, stream, group, k, number, out, rgb, seek) -> bool:
+    def _decode_group(container, stream, group, k, number, out, rgb, seek, skip, counts) -> bool:
         """Decode ``group`` (sorted frame numbers whose preceding keyframe is ``k``) into ``out``.
         False when the frames cannot be trusted from where the seek landed (the caller then
         decodes from the start)."""
@@ -142,7 +175,7 @@ class PyAVDecoder(Decoder):
         todo = set(group)
         last = group[-1]
         first = True
-        for frame in container.decode(stream):
+        for frame in _decoded_frames(container, stream, number, todo, skip, counts):
             if frame.pts is None:
                 raise DecodeError("pyav: a frame without a timestamp")
             idx = number(frame.pts)
@@ -166,6 +199,41 @@ class PyAVDecoder(Decoder):
             if idx > last:
                 break
         return True
+
+
+def _decoded_frames(container, stream, number, wanted: set[int], skip: bool, counts: list[int]):
+    """The stream's decoded frames from the container's position on, as ``container.decode(stream)``
+    gives them, except with ``skip``: each packet whose frame is not in ``wanted`` goes to the decoder
+    with ``skip_frame=NONREF`` (FFmpeg then drops it if no other picture references it, and decodes it
+    otherwise), and once every wanted frame's packet has been sent the decoder is drained instead of
+    fed more packets (the reorder delay of B-frames holds the last pictures back until then).
+
+    Every frame that comes out is decoded exactly as without skipping: a reference picture is never
+    skipped, and a dropped picture is one nothing reads (tests/test_data_augment.py checks bit equality).
+    ``counts`` accumulates [pictures returned, packets sent]."""
+    cc = stream.codec_context
+    pending = set(wanted)  # wanted frames whose packet has not been sent yet
+    try:
+        for packet in container.demux(stream):
+            if skip:
+                if packet.pts is None:
+                    cc.skip_frame = "DEFAULT"  # cannot tell which frame it holds: decode it
+                else:
+                    idx = number(packet.pts)
+                    cc.skip_frame = "DEFAULT" if idx in pending else "NONREF"
+                    pending.discard(idx)
+            counts[1] += packet.size > 0
+            for frame in cc.decode(packet):
+                counts[0] += 1
+                yield frame
+            if skip and not pending:
+                cc.skip_frame = "DEFAULT"
+                for frame in cc.decode(None):  # drain; a later seek flushes the decoder for reuse
+                    counts[0] += 1
+                    yield frame
+                return
+    finally:
+        cc.skip_frame = "DEFAULT"
 
 
 def _pts_table(av, data: bytes) -> list[int] | None:
@@ -279,7 +347,7 @@ class TorchCodecDecoder(Decoder):
 
     Frames are numbered by presentation order from a scan of the whole stream (``seek_mode="exact"``),
     the same numbering PyAV's decoder uses here (including stream-copied, variable-frame-rate clips),
-    and equal PyAV's frames bit for bit on the CPU (tests/test_data_decode_backends.py)."""
+    and equal PyAV's frames bit for bit on the CPU (tests/test_data_loader.py)."""
 
     name = "torchcodec"
 
