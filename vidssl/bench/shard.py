@@ -1,7 +1,7 @@
 """``vidssl bench shard``: vidssl shard vs the ffmpeg CLI in a parallel loop plus tar.
 
 Both sides do the same work on the same inputs with the same cores: decode each video once,
-resize (short side), re-encode H.264 yuv420p with the same crf/preset/fixed GOP/no B-frames and
+resize (short side), re-encode H.264 yuv420p with the same crf/preset/fixed GOP/B-frames (``--bframes``) and
 one encoder thread per process, ``workers`` processes at a time, then pack the results into a
 tar. Stream copy is timed the same way (``ffmpeg -c copy`` + tar). Throughput is input MB per
 wall second; each figure is the median of ``--runs`` runs, timed alternately so machine noise hits
@@ -40,6 +40,7 @@ def register(sub) -> None:
     p.add_argument("--crf", type=int, default=23)
     p.add_argument("--preset", default="veryfast")
     p.add_argument("--gop", type=int, default=16)
+    p.add_argument("--bframes", type=int, default=None, help="B-frames (default: vidssl shard's default)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=run)
@@ -53,13 +54,21 @@ def _ffmpeg_version() -> str:
     return out.split("\n", 1)[0].replace("ffmpeg version ", "").split(" Copyright")[0]
 
 
+def _bframes(args) -> int:
+    """``--bframes``, or vidssl shard's default (both sides encode with the same number)."""
+    from vidssl.shard import ShardConfig  # noqa: PLC0415
+
+    return ShardConfig.bframes if args.bframes is None else args.bframes
+
+
 def _ffmpeg_encode_cmd(src: str, dst: str, args) -> list[str]:
     s = args.short_side
     # Same geometry as vidssl: short side → s, the other side scaled and rounded to even.
     scale = f"scale='if(gt(iw,ih),-2,{s})':'if(gt(iw,ih),{s},-2)':flags=area,format=yuv420p"
     return ["ffmpeg", "-nostdin", "-v", "error", "-y", "-threads", "1", "-i", src, "-an", "-sn", "-dn",
             "-vf", scale, "-c:v", "libx264", "-preset", args.preset, "-crf", str(args.crf), "-g", str(args.gop),
-            "-bf", "0", "-x264-params", f"keyint={args.gop}:min-keyint={args.gop}:scenecut=0:bframes=0:open-gop=0",
+            "-bf", str(_bframes(args)),
+            "-x264-params", f"keyint={args.gop}:min-keyint={args.gop}:scenecut=0:bframes={_bframes(args)}:open-gop=0",
             "-threads", "1", "-fps_mode", "cfr", "-f", "mp4", dst]
 
 
@@ -100,7 +109,7 @@ def _vidssl(inputs: list[str], work: Path, args, workers: int, copy: bool, cpu: 
     shutil.rmtree(work, ignore_errors=True)
     cfg = ShardConfig(sources=inputs, output=str(work), workers=workers, progress="none", copy=copy,
                       short_side=None if copy else args.short_side, crf=args.crf, preset=args.preset,
-                      gop=args.gop, bframes=0, threads=1, min_seconds=0.0)
+                      gop=args.gop, bframes=_bframes(args), threads=1, min_seconds=0.0)
     c0, t0 = _cpu_seconds(), time.perf_counter()
     summary = run_shard(cfg)
     dt = time.perf_counter() - t0

@@ -318,9 +318,9 @@ class DecordDecoder(Decoder):
         import decord  # noqa: PLC0415
 
         # Measured on the sample clips: decord returns wrong frames after seeking in stream-copied
-        # sources (B-frames, open GOPs); it is exact on re-encoded fixed-GOP clips without B-frames.
-        # Those other streams go to PyAV rather than returning a wrong frame.
-        if meta.get("copy") or (meta.get("bframes") or 0) > 0:
+        # sources (B-frames, open GOPs); it is exact on re-encoded fixed-GOP clips, with B-frames
+        # (closed GOPs) or without. Stream copies go to PyAV rather than returning a wrong frame.
+        if meta.get("copy"):
             return PyAVDecoder(self.threads)._decode_sorted(data, want, meta)
 
         try:

@@ -52,7 +52,8 @@ class ShardConfig(Config):
     crf: int = field(default=23, metadata=spec(ge=0, le=63, help="constant rate factor (quality)"))
     preset: str = field(default="veryfast", metadata=spec(choices=PRESETS, help="encoder speed preset"))
     gop: int = field(default=16, metadata=spec(ge=1, le=1000, help="fixed keyframe interval in frames"))
-    bframes: int = field(default=0, metadata=spec(ge=0, le=16, help="B-frames between references"))
+    bframes: int = field(default=3, metadata=spec(
+        ge=0, le=16, help="B-frames between references (the loader skips the ones a clip does not keep)"))
     threads: int = field(default=1, metadata=spec(
         ge=1, le=64, help="encoder threads per worker (part of the output: x264 output depends on it)"))
     copy: bool = field(default=False, metadata=spec(
