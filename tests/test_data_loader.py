@@ -182,6 +182,23 @@ def test_frame_exactness_against_full_decode(dataset, backend, stage):
     assert n >= 11 * 3
 
 
+@pytest.mark.parametrize("stage,workers", [("worker", 0), ("worker", 2), ("main", 1)])
+def test_loader_stats_count_the_pictures_pyav_read_and_decoded(dataset, stage, workers):
+    # vidssl shards have B-frames by default: at stride 2 the ones between the kept frames are read
+    # but not decoded, and the stats say so (in the workers and in the main-process stage).
+    assert {meta["bframes"] for meta, _ in _members(dataset).values()} == {3}
+    c = cfg(dataset, mode="clip", frames=4, stride=2, augment="none", backend="pyav", decode_stage=stage,
+            workers=workers, drop_last=False)
+    loader = build_loader(c, rank=0, world_size=1)
+    n = sum(len(b["key"]) for b in loader)
+    s = loader.stats
+    assert n >= 11 and 4 * 11 <= s["pictures_decoded"] < s["pictures_read"]
+    # decord does not count: both stay 0 rather than claiming anything.
+    d = build_loader(c.replace(backend="decord", decode_stage="worker"), rank=0, world_size=1)
+    list(d)
+    assert (d.stats["pictures_decoded"], d.stats["pictures_read"]) == (0, 0)
+
+
 @pytest.fixture(scope="module")
 def real_datasets(request, tmp_path_factory):
     """The real H.264 sample clips, sharded re-encoded (small short side) and stream-copied."""

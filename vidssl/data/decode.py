@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["Decoder", "PyAVDecoder", "DecordDecoder", "TorchCodecDecoder", "make_decoder", "resolve_backend",
-           "full_decode", "DecodeError", "BACKENDS"]
+           "full_decode", "DecodeError", "BACKENDS", "decode_counts"]
 
 #: Decoder backends by name; ``auto`` resolves to one of them (see :func:`resolve_backend`).
 BACKENDS = ("pyav", "decord", "torchcodec")
@@ -234,6 +234,12 @@ def _decoded_frames(container, stream, number, wanted: set[int], skip: bool, cou
                 return
     finally:
         cc.skip_frame = "DEFAULT"
+
+
+def decode_counts(decoder) -> tuple[int, int]:
+    """(pictures decoded, pictures read) so far by ``decoder``: counted by the PyAV decoder only
+    (others give (0, 0)). Their ratio is the share of the read pictures actually decoded."""
+    return getattr(decoder, "frames_decoded", 0), getattr(decoder, "packets_sent", 0)
 
 
 def _pts_table(av, data: bytes) -> list[int] | None:

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 import torch
 
 from vidssl.data.config import DataConfig
-from vidssl.data.decode import resolve_backend, torchcodec_available
+from vidssl.data.decode import decode_counts, resolve_backend, torchcodec_available
 from vidssl.data.decode_stage import DecodeStage
 from vidssl.data.guards import dead_worker_samples
 from vidssl.data.index import DatasetIndex, open_index
@@ -189,7 +189,13 @@ class VideoLoader:
 
     def _reset_stats(self) -> None:
         self.stats = {"errors": collections.Counter(), "error_shards": collections.Counter(), "short": 0,
-                      "epoch_errors": 0, "restarts": 0}
+                      "epoch_errors": 0, "restarts": 0, "pictures_decoded": 0, "pictures_read": 0}
+
+    def _count_decoded(self, decoded: tuple[int, int]) -> None:
+        """Add a batch's (pictures decoded, pictures read) to ``stats`` (the PyAV backend counts them:
+        their ratio is what skipping unwanted non-reference pictures saved, docs/data.md)."""
+        self.stats["pictures_decoded"] += decoded[0]
+        self.stats["pictures_read"] += decoded[1]
 
     def _record(self, errors: list[SampleError]) -> None:
         """Count a batch's errors; warn at a limited rate; enforce the error budget."""
@@ -234,9 +240,13 @@ class VideoLoader:
                 for wb in self._batches(plan):
                     self._record(wb.errors)
                     self.stats["short"] += wb.short
+                    self._count_decoded(wb.decoded)
                     batch = wb.batch
                     if stage is not None:
+                        count0 = decode_counts(stage.proc.decoder)
                         batch, errors = stage(wb)
+                        count1 = decode_counts(stage.proc.decoder)
+                        self._count_decoded((count1[0] - count0[0], count1[1] - count0[1]))
                         self._record(errors)
                     self._consumed += 1
                     yield batch

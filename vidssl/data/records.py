@@ -72,6 +72,7 @@ class WorkerBatch:
     raw: list[RawRow | None] | None = None
     ring: tuple[int, int] | None = None
     wire: bool = False
+    decoded: tuple[int, int] = (0, 0)       # (pictures decoded, pictures read) by this batch's decodes (PyAV)
 
     def pin_memory(self) -> "WorkerBatch":
         """Called by the DataLoader's pin-memory thread (``pin_memory: true``): pin the windows."""

@@ -23,7 +23,7 @@ import torch
 from vidssl.data.clips import ShortVideo
 from vidssl.data.collate import collate
 from vidssl.data.config import DataConfig
-from vidssl.data.decode import DecodeError
+from vidssl.data.decode import DecodeError, decode_counts
 from vidssl.data.guards import ThreadGuard, WorkerGuard
 from vidssl.data.plan import EpochPlan, ShardRef, WorkerPlan
 from vidssl.data.records import RawRow, SampleError, WorkerBatch
@@ -127,12 +127,15 @@ class WorkerStream:
 
         for b in range(self.skip, wp.batches):
             batch_pos = order[b * B:(b + 1) * B]
+            count0 = decode_counts(self.proc.decoder)
             results = [self.ahead.pop(p) if p in self.ahead else self._process(p, fetch(p)) for p in batch_pos]
             errors = [r for r in results if isinstance(r, SampleError)]
             # Planned samples (not padding repeats) too short for the plan that loop/pad stretched.
             n_short = sum(1 for p, r in zip(batch_pos, results)
                           if not isinstance(r, SampleError) and r[1] and not self.positions[p][2])
             wb = WorkerBatch(wp.rank_batch(b), errors, n_short)
+            count1 = decode_counts(self.proc.decoder)
+            wb.decoded = (count1[0] - count0[0], count1[1] - count0[1])
             if self.raw:
                 wb.raw = [None if isinstance(r, SampleError) else r[0] for r in results]
             else:
