@@ -14,6 +14,8 @@ def same(a, b) -> None:
             assert torch.equal(a[k], b[k]), k
         elif isinstance(a[k], dict):
             same(a[k], b[k])
+        elif isinstance(a[k], list) and a[k] and isinstance(a[k][0], torch.Tensor):  # rows of native sizes
+            assert len(a[k]) == len(b[k]) and all(torch.equal(x, y) for x, y in zip(a[k], b[k])), k
         else:
             assert a[k] == b[k], k
 

@@ -439,6 +439,46 @@ def test_persistent_workers_reused_buffers_hold_exact_frames(dataset):
 
 
 @pytest.mark.slow
+def test_ring_buffer_files_follow_changing_frame_sizes_and_are_removed_on_close(real_datasets, monkeypatch):
+    # The real clips have different sizes: with batch_size 1 and augment none each batch has its own
+    # shape, so the workers' ring buffer files on /dev/shm are made again when a batch needs more room.
+    # Every frame equals a full decode, the batches equal the torch shared-memory fallback's, and
+    # close() leaves nothing on /dev/shm.
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm on this machine: the ring uses torch shared-memory tensors")
+    ds = real_datasets / "enc"
+    members = _members(ds)
+    ref = {k: full_decode(data) for k, (_meta, data) in members.items()}
+    before = set(os.listdir("/dev/shm"))
+    runs = {}
+    for bs in (1, 2):  # 2: rows of different sizes in one batch stay a list, each row its own file
+        c = cfg(ds, mode="clip", frames=3, stride=2, augment="none", batch_size=bs, drop_last=False, seed=3,
+                workers=2, prefetch=1)
+        loader = build_loader(c, rank=0, world_size=1)
+        got = []
+        for b in loader:
+            got.append(b)
+            rings = [d for d in set(os.listdir("/dev/shm")) - before if "-ring-" in d]
+            assert len(rings) == 1 and os.listdir(os.path.join("/dev/shm", rings[0]))  # the files in use
+        for b in got:
+            for r, key in enumerate(b["key"]):
+                want = torch.from_numpy(ref[key][b["frame_indices"]["video"][r].numpy()]).permute(0, 3, 1, 2)
+                assert torch.equal(b["video"][r], want), key
+        loader.close()
+        assert set(os.listdir("/dev/shm")) - before == set()
+        runs[bs] = (c, got)
+    assert len({tuple(b["video"].shape) for b in runs[1][1]}) > 1
+    assert any(isinstance(b["video"], list) for b in runs[2][1])
+    monkeypatch.setenv("VIDSSL_RING_FILES", "0")
+    for c, got in runs.values():
+        fallback = build_loader(c, rank=0, world_size=1)
+        for x, y in zip(list(fallback), got, strict=True):
+            _same(x, y)
+        assert not [d for d in set(os.listdir("/dev/shm")) - before if "-ring-" in d]
+        fallback.close()
+
+
+@pytest.mark.slow
 def test_abandoned_iteration_then_resume_with_persistent_workers(dataset):
     c = cfg(dataset, workers=2, drop_last=False, mode="clip", augment="none", batch_size=1)
     ref = list(build_loader(c, rank=0, world_size=1))

@@ -44,7 +44,7 @@ from vidssl.data.index import DatasetIndex, open_index
 from vidssl.data.plan import EpochPlan, PlanSpec, consumed_per_worker, shard_refs
 from vidssl.data.records import SampleError, WorkerBatch
 from vidssl.data.transform import SampleProcessor
-from vidssl.data.wire import copy_out, from_wire
+from vidssl.data.wire import ArenaMaps, copy_out, from_wire
 from vidssl.data.worker import EpochDataset, Job, as_is, worker_init, worker_message
 from vidssl.errors import RuntimeFailure, UserError
 from vidssl.fsio import atomic_write_bytes
@@ -77,6 +77,7 @@ class VideoLoader:
         self._pool: tuple[Any, str, str] | None = None  # persistent DataLoader workers, see _workers_pool
         self._generation = 0  # counts iterations: an older, unfinished one must not steal batches
         self._ring_views: dict[tuple[int, int, str], torch.Tensor] = {}  # see wire.copy_out
+        self._arena_maps = ArenaMaps()  # the workers' ring buffer files, mapped here (see wire.BatchRing)
         self.plan(0)  # fail early (e.g. too few samples) with the user's settings in the message
         self.decode_device, self.backend = self._choose_decoder()
         self.stats["backend"], self.stats["decode_device"] = self.backend, self.decode_device
@@ -287,7 +288,8 @@ class VideoLoader:
             # Ring hand-back flags (see wire.BatchRing): per worker, enough slots for every batch torch
             # lets be in flight (prefetch × workers) plus the one being filled.
             flags = torch.zeros(c.workers, c.prefetch * c.workers + 1, dtype=torch.uint8).share_memory_()
-            ds = EpochDataset(c, self.shards, self.rank, job_path=job_path, marker_dir=markers, ring_flags=flags)
+            ds = EpochDataset(c, self.shards, self.rank, job_path=job_path, marker_dir=markers, ring_flags=flags,
+                              arena_dir=_arena_dir(tmp))
             # Plan workers with no batches left simply yield nothing.
             dl = torch.utils.data.DataLoader(
                 ds, batch_size=None, num_workers=c.workers, prefetch_factor=c.prefetch,
@@ -308,6 +310,9 @@ class VideoLoader:
             it._shutdown_workers()
         dl._iterator = None
         self._ring_views = {}
+        self._arena_maps.clear()
+        if dl.dataset.arena_dir:
+            shutil.rmtree(dl.dataset.arena_dir, ignore_errors=True)
         shutil.rmtree(os.path.dirname(markers), ignore_errors=True)
 
     def __del__(self) -> None:
@@ -349,7 +354,8 @@ class VideoLoader:
             if batch is None:
                 break
             if c.workers:
-                copy_out(batch, flags, self._ring_views)  # at once: the worker reuses the slot after this
+                # At once: the worker reuses the slot after this.
+                copy_out(batch, flags, self._ring_views, self._arena_maps, pin=c.pin_memory)
                 from_wire(batch)
             waiting[batch.index] = batch
             while nxt in waiting:
@@ -359,6 +365,18 @@ class VideoLoader:
             raise RuntimeFailure(f"data: rank {self.rank} received batches up to {nxt} of "
                                  f"{plan.batches_per_rank} (internal plan error)")
 
+
+
+def _arena_dir(tmp: str) -> str | None:
+    """A folder on /dev/shm (RAM) for the workers' ring buffer files, named after the loader's temporary
+    folder ``tmp`` and removed with it; None where there is no writable /dev/shm (then the ring uses
+    torch's shared-memory tensors). Set VIDSSL_RING_FILES=0 to force that."""
+    if os.environ.get("VIDSSL_RING_FILES", "1") == "0" or not os.path.isdir("/dev/shm"):
+        return None
+    try:
+        return tempfile.mkdtemp(prefix=os.path.basename(tmp) + "-ring-", dir="/dev/shm")
+    except OSError:
+        return None
 
 
 def build_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None) -> VideoLoader:

@@ -30,7 +30,7 @@ from vidssl.data.records import RawRow, SampleError, WorkerBatch
 from vidssl.data.stream import Failure, Sample, read_segment
 from vidssl.data.transform import SampleProcessor
 from vidssl.data.windows import WINDOWS_BY_MODE
-from vidssl.data.wire import BatchRing, to_wire
+from vidssl.data.wire import ArenaRef, BatchRing, to_wire
 from vidssl.errors import RuntimeFailure
 
 __all__ = ["Job", "WorkerStream", "EpochDataset", "worker_init", "as_is", "worker_message"]
@@ -168,7 +168,17 @@ class WorkerStream:
         ring = self.ring if self.ring is not None and self.ring.acquire() is not None else None
         wb.batch = collate(rows, valid, self.cfg.mode, None if ring is None else ring.out)
         if ring is not None:
-            if any(isinstance(wb.batch[n], torch.Tensor) for n in WINDOWS_BY_MODE[self.cfg.mode]):
+            used = False
+            for n in WINDOWS_BY_MODE[self.cfg.mode]:
+                v = wb.batch[n]
+                if isinstance(v, list) and ring.arena_dir is not None:
+                    # Native-size rows that could not be stacked: each row into its own buffer file.
+                    wb.batch[n] = v = ring.rows(n, v)
+                ref = ring.ref(v)
+                if ref is not None:
+                    wb.batch[n] = ref  # the window stays in the slot's file; only its name travels
+                used = used or isinstance(v, torch.Tensor) or (isinstance(v, list) and isinstance(v[0], ArenaRef))
+            if used:
                 wb.ring = (ring.worker, ring.slot)
             else:
                 ring.release_unused()
@@ -213,10 +223,11 @@ class EpochDataset(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, cfg, shards, rank: int, job_path: str | None = None, marker_dir: str | None = None,
-                 job: Job | None = None, ring_flags: torch.Tensor | None = None) -> None:
+                 job: Job | None = None, ring_flags: torch.Tensor | None = None, arena_dir: str | None = None) -> None:
         super().__init__()
         self.cfg, self.shards, self.rank = cfg, shards, rank
         self.job_path, self.marker_dir, self.job, self.ring_flags = job_path, marker_dir, job, ring_flags
+        self.arena_dir = arena_dir  # the loader's folder on /dev/shm for ring buffers (None: torch tensors)
         self._guard = None  # per worker process, made on its first epoch and reused
         self._ring: BatchRing | None = None  # likewise
 
@@ -240,7 +251,7 @@ class EpochDataset(torch.utils.data.IterableDataset):
                                if info is not None and self.marker_dir else ThreadGuard(self.cfg.decode_timeout))
             guard = self._guard
         if self._ring is None and self.ring_flags is not None and info is not None:
-            self._ring = BatchRing(self.ring_flags, k_dl)
+            self._ring = BatchRing(self.ring_flags, k_dl, self.arena_dir)
         wp = job.plan.worker(self.rank, k)
         stream = WorkerStream(self.cfg, self.shards, wp, job.plan.epoch, job.consumed[k], job.bad, guard, self._ring)
         if info is None:
