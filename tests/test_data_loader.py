@@ -478,6 +478,15 @@ def test_ring_buffer_files_follow_changing_frame_sizes_and_are_removed_on_close(
         fallback.close()
 
 
+def test_pin_memory_loader_runs_without_a_gpu_and_pins_with_one(dataset):
+    # GPU configs set pin_memory; on a CPU-only machine the batches come unpinned instead of failing.
+    c = cfg(dataset, workers=2, pin_memory=True, mode="clip", augment="none", batch_size=2)
+    batches = list(build_loader(c, rank=0, world_size=1))
+    assert batches and all(b["video"].is_pinned() == torch.cuda.is_available() for b in batches)
+    for x, y in zip(batches, build_loader(c.replace(pin_memory=False), rank=0, world_size=1), strict=True):
+        _same(x, y)
+
+
 @pytest.mark.slow
 def test_abandoned_iteration_then_resume_with_persistent_workers(dataset):
     c = cfg(dataset, workers=2, drop_last=False, mode="clip", augment="none", batch_size=1)

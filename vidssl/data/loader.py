@@ -337,6 +337,7 @@ class VideoLoader:
             atomic_write_bytes(job_path, pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL), durable=False)
             flags = dl.dataset.ring_flags
             flags.zero_()  # slots held by batches of an abandoned iteration: those are discarded unread
+            pin = c.pin_memory and torch.cuda.is_available()
             source = iter(dl)
         waiting: dict[int, WorkerBatch] = {}
         nxt = start
@@ -355,7 +356,8 @@ class VideoLoader:
                 break
             if c.workers:
                 # At once: the worker reuses the slot after this.
-                copy_out(batch, flags, self._ring_views, self._arena_maps, pin=c.pin_memory)
+                # (torch's DataLoader pins only with a GPU present, and so does this copy.)
+                copy_out(batch, flags, self._ring_views, self._arena_maps, pin=pin)
                 from_wire(batch)
             waiting[batch.index] = batch
             while nxt in waiting:

@@ -154,13 +154,6 @@ class BatchRing:
         """The :class:`ArenaRef` of a window tensor :meth:`out` handed out for this batch, else None."""
         return self.refs.get(id(t)) if isinstance(t, torch.Tensor) and getattr(t, "_vidssl_arena", False) else None
 
-    def close(self) -> None:
-        """Remove this worker's buffer files (the loader also removes its whole folder on close)."""
-        for arenas in self.arenas:
-            for a in arenas.values():
-                a.retire()
-            arenas.clear()
-
     def release_unused(self) -> None:
         """The batch did not use the slot (rows of different sizes stay lists): free it again."""
         if self.slot is not None:
