@@ -139,8 +139,9 @@ def _median(xs):
 
 
 def _loader_rate(cfg, epochs):
-    """Clips/s over ``epochs`` epochs, timed from the start of iteration, plus the (key, frame
-    numbers) of every clip (for the tight loop)."""
+    """Clips/s over ``epochs`` epochs, timed from the start of iteration, the (key, frame numbers) of
+    every clip (for the tight loop), and the share of the pictures read that PyAV decoded (None for
+    the other backends)."""
     import time  # noqa: PLC0415
 
     from vidssl.data import build_loader  # noqa: PLC0415
@@ -156,7 +157,8 @@ def _loader_rate(cfg, epochs):
             work.extend(zip(b["key"], b["frame_indices"]["video"].tolist()))
     rate = n / (time.perf_counter() - t0)
     loader.close()  # stop (and reap) the persistent workers: their CPU time then counts in getrusage
-    return rate, work
+    read = loader.stats["pictures_read"]
+    return rate, work, (loader.stats["pictures_decoded"] / read if read else None)
 
 
 _TIGHT: list = []  # [(mp4 bytes, meta, frame numbers)] per process, set before forking
@@ -324,7 +326,7 @@ def _backend_rates(cfg, backends, repeats, epochs) -> dict:
     for r in range(repeats):
         line = []
         for b, st in sides:
-            rate, _work = _loader_rate(cfg.replace(backend=b, decode_stage=st, seed=r), epochs)
+            rate, _work, _share = _loader_rate(cfg.replace(backend=b, decode_stage=st, seed=r), epochs)
             rates[f"{b}/{st}"].append(rate)
             line.append(f"{b}/{st} {rate:.1f}")
         print(f"backends run {r + 1}: " + ", ".join(line) + f" clips/s; load {os.getloadavg()[0]:.1f}", flush=True)
@@ -416,11 +418,12 @@ def run(args: argparse.Namespace) -> int:
         if args.only_backends:
             print(json.dumps(result, indent=1))
             return 0
-    rows, cpu_rows = [], []
+    rows, cpu_rows, shares = [], [], []
     for r in range(args.repeats):
-        (rate_none, work), cpu_none = _timed(_loader_rate, none_cfg.replace(seed=r), args.epochs)
+        (rate_none, work, share), cpu_none = _timed(_loader_rate, none_cfg.replace(seed=r), args.epochs)
+        shares.append(share)
         tight, cpu_tight = _timed(_tight_rate, samples, work, args.workers)
-        (rate_train, work_train), cpu_train = _timed(_loader_rate, train_cfg.replace(seed=r), args.epochs)
+        (rate_train, work_train, _share), cpu_train = _timed(_loader_rate, train_cfg.replace(seed=r), args.epochs)
         (mae, n_mae), cpu_mae = _timed(_videomae_rate, paths, sizes, train_cfg)
         rows.append((rate_none, tight, rate_train, mae))
         # Clips per CPU-second of the whole process tree (main + workers): what each side costs,
@@ -446,6 +449,9 @@ def run(args: argparse.Namespace) -> int:
               "cpu_clips_per_s": {k: round(_median(v), 1) for k, v in
                                   zip(("loader_none", "pyav_tight", "loader_train", "videomae"), ccol)},
               "cpu_ratio_vs_tight": round(_median([a / b for a, b, _, _ in cpu_rows]), 3),
+              # Of the pictures the loader (augment none) read, the share PyAV decoded: the rest were
+              # B-frames no kept frame needed (the tight loop decodes every picture up to the last).
+              "loader_pictures_decoded_share": (round(_median(shares), 3) if None not in shares else None),
               "cpu_ratio_vs_videomae": round(_median([c / d for _, _, c, d in cpu_rows]), 3)}
     if not args.skip_memory:
         mem = {}
