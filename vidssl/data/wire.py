@@ -171,9 +171,9 @@ class ArenaMaps:
     def array(self, key: tuple[int, int, str], ref: ArenaRef) -> np.ndarray:
         got = self.maps.get(key)
         if got is None or got[0] != ref.path:
-            fd = os.open(ref.path, os.O_RDWR)
+            fd = os.open(ref.path, os.O_RDONLY)
             try:
-                m = mmap.mmap(fd, 0)
+                m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # the main process only copies out
             finally:
                 os.close(fd)
             self.maps[key] = got = (ref.path, m)
