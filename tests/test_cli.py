@@ -105,3 +105,24 @@ def test_console_script_and_import_is_cheap():
     assert out.stdout.strip() == "False"
     res = subprocess.run([sys.executable, "-m", "vidssl.cli", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and __version__ in res.stdout
+
+
+def test_bench_decode_refuses_cuda_without_a_gpu_and_runs_its_cpu_smoke_path(tmp_path, capsys):
+    # The GPU decode benchmark is prepared for a session with a GPU; here its --device cpu path runs
+    # the same plumbing (shards, both loader sides, the JSON) and --device cuda says what is missing.
+    import json
+
+    import torch
+
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "decode", "--dir", str(tmp_path / "w")]) == 2
+        assert "no GPU is visible" in capsys.readouterr().err
+    out = tmp_path / "decode.json"
+    assert cli.main(["bench", "decode", "--device", "cpu", "--sizes", "32", "--videos", "2", "--seconds", "2",
+                     "--no-samples", "--batches", "2", "--warmup", "1", "--repeats", "1", "--batch-size", "2",
+                     "--frames", "4", "--workers", "1", "--dir", str(tmp_path / "w"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["sizes"]["32"]
+    assert res["device"]["clips_s"] > 0 and res["cpu_workers"]["clips_s"] > 0
+    assert res["device"]["decode_device"] == "cpu" and res["ratio_device_vs_cpu_workers"] > 0
+    assert cli.main(["bench", "decode", "--device", "cpu", "--sizes", "4"]) == 2
+    assert "--sizes" in capsys.readouterr().err

@@ -13,6 +13,7 @@ BENCHES: list[str] = [
     "vidssl.bench.footage",
     "vidssl.bench.shard",
     "vidssl.bench.loader",
+    "vidssl.bench.decode",
     "vidssl.bench.models",
     "vidssl.bench.train",
 ]
@@ -21,7 +22,7 @@ BENCHES: list[str] = [
 def register(sub) -> None:
     from vidssl.cli import Parser, add_command
 
-    p = add_command(sub, "bench", help="run a benchmark (footage, shard, loader, models, train)")
+    p = add_command(sub, "bench", help="run a benchmark (footage, shard, loader, decode, models, train)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", parser_class=Parser)
     bsub.required = True
     for module in BENCHES:
