@@ -88,7 +88,7 @@ class BatchRing:
         self.flags, self.worker, self.arena_dir = flags, worker, arena_dir
         self.bufs: list[dict[str, torch.Tensor]] = [{} for _ in range(flags.shape[1])]
         self.arenas: list[dict[str, _Arena]] = [{} for _ in range(flags.shape[1])]
-        self.refs: dict[int, ArenaRef] = {}  # id(window tensor) → its ref, for the batch being filled
+        self.refs: dict[int, tuple[torch.Tensor, ArenaRef]] = {}  # id(view) → (view, ref), this batch
         self.made = 0
         self.slot: int | None = None
 
@@ -134,8 +134,7 @@ class BatchRing:
                 a.retire()
             arenas[name] = a = new
         t = a.tensor(shape, dtype)
-        self.refs[id(t)] = ArenaRef(a.path, shape, str(t.numpy().dtype))
-        t._vidssl_arena = True  # noqa: SLF001 - marks the view so only this exact tensor is replaced by its ref
+        self.refs[id(t)] = (t, ArenaRef(a.path, shape, str(t.numpy().dtype)))
         return t
 
     def rows(self, name: str, rows: list) -> list:
@@ -147,12 +146,13 @@ class BatchRing:
             if buf is None:
                 return rows
             buf.numpy()[...] = t.numpy()  # (also the HWC -> CHW copy of strided decord rows)
-            refs.append(self.refs[id(buf)])
+            refs.append(self.refs[id(buf)][1])
         return refs
 
     def ref(self, t) -> ArenaRef | None:
         """The :class:`ArenaRef` of a window tensor :meth:`out` handed out for this batch, else None."""
-        return self.refs.get(id(t)) if isinstance(t, torch.Tensor) and getattr(t, "_vidssl_arena", False) else None
+        entry = self.refs.get(id(t))
+        return entry[1] if entry is not None and entry[0] is t else None
 
     def release_unused(self) -> None:
         """The batch did not use the slot (rows of different sizes stay lists): free it again."""
