@@ -270,10 +270,15 @@ def test_export_of_a_torchvision_backbone_loads_strictly_into_torchvision(tmp_pa
 def test_zero_stages_give_the_same_losses_in_fp32_and_export_consolidated_weights(tmp_path, ssl_shards):
     from vidssl.train.cli import export_run
 
+    # ZeRO's flat, partitioned buffers sum gradients in another order than ZeRO-0, so they differ in
+    # the last bits. AdamW divides by sqrt(v) + eps: at eps=1e-8 an element whose gradient is ~0
+    # (noise only) moves by up to lr either way, so a few elements would differ by ~lr between stages
+    # by chance. eps=1e-5 keeps that amplification ~100x, well inside the tolerance below.
     losses, weights = {}, {}
     for stage in (0, 1, 2, 3):
         run = tmp_path / f"z{stage}"
-        assert pretrain(tiny(ssl_shards, run, "train.max_steps=3", f"deepspeed.zero_stage={stage}")) == 0
+        assert pretrain(tiny(ssl_shards, run, "train.max_steps=3", "train.eps=1e-5",
+                             f"deepspeed.zero_stage={stage}")) == 0
         losses[stage] = [x["loss"] for x in rows(run)]
         weights[stage] = torch.load(export_run(str(run))["file"], weights_only=True)
     for stage in (1, 2, 3):
@@ -283,7 +288,8 @@ def test_zero_stages_give_the_same_losses_in_fp32_and_export_consolidated_weight
         assert weights[stage].keys() == weights[0].keys()
         for k, v in weights[0].items():
             assert weights[stage][k].dtype == v.dtype and weights[stage][k].shape == v.shape, (stage, k)
-            torch.testing.assert_close(weights[stage][k], v, rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(weights[stage][k], v, rtol=1e-3, atol=1e-4,
+                                       msg=lambda m, stage=stage, k=k: f"ZeRO-{stage} vs ZeRO-0, {k}: {m}")
 
 
 # ---- non-finite losses --------------------------------------------------------------------------
