@@ -311,6 +311,40 @@ def test_resume_from_a_state_taken_at_the_last_batch(dataset):
         _same(x, y)
 
 
+def test_reshard_maps_a_state_from_another_world_size_to_the_same_point_of_the_epoch(dataset):
+    """train.elastic_resume: 11 samples, batch 1: 11 batches per rank at world size 1, 5 at 2."""
+    c = cfg(dataset, batch_size=1, mode="clip", augment="none")
+    one = build_loader(c, rank=0, world_size=1)
+    one.set_epoch(2)
+    state = dict(one.state_dict(), batches=4)
+    two = [build_loader(c, rank=r, world_size=2) for r in range(2)]
+    for ld in two:
+        ld.load_state_dict(state, reshard=True)
+        assert (ld.epoch, ld.state_dict()["batches"], len(ld)) == (2, 1, 5)  # floor(4 / 11 * 5)
+        assert ld.state_dict()["world_size"] == 2  # its own settings from now on
+    assert [len(_keys(ld)) for ld in two] == [4, 4]
+    # A finished epoch stays finished, and the next epoch is this world size's own, exactly.
+    for ld in two:
+        ld.load_state_dict(dict(state, batches=11), reshard=True)
+        assert _keys(ld) == []
+        ld.set_epoch(3)
+        fresh = build_loader(c, rank=ld.rank, world_size=2)
+        fresh.set_epoch(3)
+        assert _keys(ld) == _keys(fresh)
+    # Back: 3 of 5 batches at world size 2 are 6 of 11 at world size 1; another worker count too.
+    back = build_loader(cfg(dataset, batch_size=1, mode="clip", augment="none", workers=2), rank=0, world_size=1)
+    back.load_state_dict(two[0].state_dict() | {"epoch": 2, "batches": 3}, reshard=True)
+    assert (back.epoch, back.state_dict()["batches"]) == (2, 6) and len(_keys(back)) == 5
+    back.close()
+    # Everything else still has to match.
+    with pytest.raises(UserError, match="seed was 0 when saved and is 1"):
+        build_loader(cfg(dataset, batch_size=1, seed=1), rank=0, world_size=2).load_state_dict(state, reshard=True)
+    with pytest.raises(UserError, match="batch_size was 1 when saved and is 2"):
+        build_loader(cfg(dataset), rank=0, world_size=2).load_state_dict(state, reshard=True)
+    with pytest.raises(UserError, match=r"batches 12 outside 0\.\.11 for epoch 2 at world size 1"):
+        two[0].load_state_dict(dict(state, batches=12), reshard=True)
+
+
 def test_resume_does_not_decode_skipped_samples(dataset, monkeypatch):
     from vidssl.data import decode
 

@@ -25,6 +25,7 @@ the same batch (or of the worker's last good sample, or the next good one) and m
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import os
@@ -121,15 +122,25 @@ class VideoLoader:
                 "world_size": s.world_size, "workers": s.workers, "batch_size": s.batch_size,
                 "samples": sum(r.samples for r in self.shards), "plan": s.order_settings()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], *, reshard: bool = False) -> None:
         """Resume at ``state``; refuses states from another world size, worker count, seed, batch size,
         dataset size or plan setting (drop_last, shuffle, shuffle_buffer, weights, resampled,
-        steps_per_epoch), because the epoch plan (and so the batches) would differ."""
+        steps_per_epoch), because the epoch plan (and so the batches) would differ.
+
+        ``reshard``: a state from another world size or worker count is accepted and mapped to the same
+        point of its epoch: batch ``floor(b · n / n_saved)`` of this loader's ``n`` batches per rank
+        (``n_saved`` under the saved world size and workers; a finished epoch stays finished). The rest
+        of that epoch is then approximate (some samples repeat, some are left out); later epochs follow
+        this loader's own plan exactly."""
         try:
             if int(state.get("version", -1)) != STATE_VERSION:
                 raise UserError(f"loader state version {state.get('version')!r}; this vidssl reads {STATE_VERSION}")
             mine = self.state_dict()
+            moved = reshard and (int(state["world_size"]), int(state["workers"])) != (mine["world_size"],
+                                                                                      mine["workers"])
             for key in ("world_size", "workers", "seed", "batch_size", "samples"):
+                if moved and key in ("world_size", "workers"):
+                    continue
                 if int(state[key]) != mine[key]:
                     raise UserError(f"loader state: {key} was {state[key]} when saved and is {mine[key]} now; the "
                                     f"epoch plan depends on it, so the run cannot resume exactly (set data.{key} "
@@ -146,9 +157,23 @@ class VideoLoader:
                                         f"cannot resume exactly (set data.{key} back, or start a new epoch "
                                         f"without loading the state)")
             epoch, batches = int(state["epoch"]), int(state["batches"])
+            if moved:
+                old_world, old_workers = int(state["world_size"]), int(state["workers"])
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"loader state: malformed ({exc!r}); expected a dict from VideoLoader.state_dict()") from None
         n = self.plan(epoch).batches_per_rank
+        if moved:
+            if old_world < 1 or old_workers < 1:
+                raise UserError(f"loader state: world_size {old_world} and workers {old_workers}; both must be >= 1")
+            try:
+                saved_spec = dataclasses.replace(self.spec, world_size=old_world, workers=old_workers)
+                n_saved = saved_spec.plan(self.shards, epoch, ranks=[0]).batches_per_rank
+            except ValueError as exc:
+                raise UserError(f"loader state: its plan at world size {old_world}: {exc}") from None
+            if not 0 <= batches <= n_saved:
+                raise UserError(f"loader state: batches {batches} outside 0..{n_saved} for epoch {epoch} at "
+                                f"world size {old_world}")
+            batches = n if 0 < batches == n_saved else min(n, batches * n // max(1, n_saved))
         if not 0 <= batches <= n:
             raise UserError(f"loader state: batches {batches} outside 0..{n} for epoch {epoch}")
         # A state taken after the epoch's last batch (batches == n) stays at (epoch, n): the next

@@ -31,7 +31,8 @@ from vidssl.fsio import fsync_dir
 
 log = logging.getLogger("vidssl.train")
 
-__all__ = ["Checkpointer", "complete_checkpoints", "resolve_resume", "check_compatible", "META", "tag_for"]
+__all__ = ["Checkpointer", "complete_checkpoints", "resolve_resume", "check_compatible", "META", "tag_for",
+           "has_partitioned_optimizer", "to_universal"]
 
 META = "vidssl.json"
 _TAG = re.compile(r"^step_(\d{8,})$")
@@ -45,7 +46,7 @@ _FREE_KEYS = {
     "data.prefetch", "data.pin_memory", "data.decode_timeout", "data.read_timeout", "data.retries",
     "data.max_error_fraction", "data.backend", "data.decode_threads", "data.decode_stage", "data.decode_device",
     "data.dataset",  # the same index moved elsewhere; the loader checks the sample count itself
-    "deepspeed.config", "deepspeed.overlap_comm",
+    "deepspeed.config", "deepspeed.overlap_comm", "train.elastic_resume",
 }
 
 
@@ -114,15 +115,23 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_compatible(meta: dict[str, Any], config: dict[str, Any], world_size: int, ckpt: Path) -> None:
-    """Refuse a resume that could not reproduce the interrupted run, saying what differs."""
-    if int(meta.get("world_size", world_size)) != world_size:
+def check_compatible(meta: dict[str, Any], config: dict[str, Any], world_size: int, ckpt: Path,
+                     *, elastic: bool = False) -> None:
+    """Refuse a resume that could not reproduce the interrupted run, saying what differs.
+
+    ``elastic`` (``train.elastic_resume``): another world size (and ``data.workers``,
+    ``train.grad_accum``) is accepted; the
+    resume then re-partitions the states (:func:`to_universal`) and maps the data position."""
+    if int(meta.get("world_size", world_size)) != world_size and not elastic:
         raise UserError(f"resume: {ckpt} was written by {meta['world_size']} ranks and this run has {world_size}; "
-                        f"the data order and ZeRO partitions depend on it: relaunch with {meta['world_size']} ranks "
-                        f"(or start a new run from exported weights)")
+                        f"the data order and ZeRO partitions depend on it: relaunch with {meta['world_size']} ranks, "
+                        f"or set train.elastic_resume=true to re-partition the checkpoint for {world_size} "
+                        f"(the rest of its epoch is then approximate), or start a new run from exported weights")
+    # The global batch changes with the world size anyway: grad_accum may change to keep it.
+    free = _FREE_KEYS | ({"data.workers", "train.grad_accum"} if elastic else set())
     saved, now = _flat(meta.get("config", {})), _flat(config)
     diffs = [k for k in sorted(set(saved) | set(now))
-             if k not in _FREE_KEYS and saved.get(k, "<unset>") != now.get(k, "<unset>")
+             if k not in free and saved.get(k, "<unset>") != now.get(k, "<unset>")
              and k.split(".")[0] in ("data", "train", "model", "objectives", "deepspeed", "finetune")]
     if diffs:
         shown = "; ".join(f"{k} was {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in diffs[:4])
@@ -130,6 +139,63 @@ def check_compatible(meta: dict[str, Any], config: dict[str, Any], world_size: i
         raise UserError(f"resume: settings differ from checkpoint {ckpt.name}: {shown}{more}; these change the "
                         f"data order or the updates, so the resumed run would not continue the interrupted one. "
                         f"Set them back, or start a new run.dir")
+
+
+# ---- another world size ----------------------------------------------------------------------
+
+def has_partitioned_optimizer(ckpt: Path) -> bool:
+    """Whether ``ckpt`` holds per-rank optimizer partitions (ZeRO 1-3, or DeepSpeed's bf16 optimizer):
+    then another world size needs a universal checkpoint. ZeRO-0 in fp32 keeps the whole optimizer
+    state in ``mp_rank_00_model_states.pt``, which any world size loads."""
+    return any(Path(ckpt).glob("*optim_states.pt"))
+
+
+def to_universal(ckpt: Path, out: Path) -> Path:
+    """Convert DeepSpeed checkpoint ``ckpt`` to a universal checkpoint at ``out`` (a folder named like
+    ``ckpt``): fp32 weights and Adam moments per parameter, loadable at any world size with
+    ``{"checkpoint": {"load_universal": true}}``. Runs DeepSpeed's ``ds_to_universal`` in a child
+    process (it forks its own pool; a training process may hold CUDA). Written as ``.partial-*`` and
+    renamed, so an interrupted conversion is never half-used; ``out`` is replaced."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    out = Path(out)
+    # ds_to_universal also writes a ``latest_universal`` file beside its output folder: convert into
+    # a private staging folder and move only the checkpoint out of it.
+    staging = out.parent / f".partial-{out.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    t = time.perf_counter()
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+           "--output_folder", str(staging / out.name), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        lines = [ln for ln in (res.stderr or res.stdout).strip().splitlines() if ln.strip()]
+        reason = next((ln for ln in reversed(lines) if not ln[:1].isspace()), lines[-1] if lines else "no output")
+        raise UserError(f"resume: converting {str(ckpt)!r} to a universal checkpoint for another world size failed "
+                        f"(DeepSpeed's ds_to_universal, exit {res.returncode}): {reason.strip()}; the checkpoint "
+                        f"may be damaged: resume an older one with train.resume=PATH, or at its own world size")
+    _fsync_tree(staging / out.name)
+    shutil.rmtree(out, ignore_errors=True)
+    (staging / out.name).rename(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    fsync_dir(out.parent)
+    log.info("universal checkpoint of %s written to %s in %.1fs", ckpt.name, out, time.perf_counter() - t)
+    return out
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """Seed every generator of this rank from (seed, step, rank): a resume whose checkpoint holds no
+    RNG state for this rank (another world size) still draws reproducibly."""
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    s = int(np.random.SeedSequence([seed, step, rank, 0x5EED]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
 
 
 # ---- RNG states ------------------------------------------------------------------------------
@@ -213,15 +279,23 @@ class Checkpointer:
         eng.barrier()
         return final
 
-    def load(self, ckpt: Path) -> dict[str, Any]:
-        """Load module, optimizer and this rank's RNG from ``ckpt``; returns ``client_state["vidssl"]``."""
-        client = self.engine.load(str(ckpt.parent), ckpt.name)
+    def load(self, ckpt: Path, *, seed: int | None = None, source: Path | None = None) -> dict[str, Any]:
+        """Load module, optimizer and this rank's RNG from ``ckpt``; returns ``client_state["vidssl"]``.
+
+        ``seed`` (an elastic resume): a checkpoint of another world size is accepted, and each rank is
+        re-seeded from (seed, step, rank) instead of restoring RNG states it does not hold.
+        ``source``: the folder DeepSpeed reads instead of ``ckpt`` (its universal conversion)."""
+        src = Path(source) if source is not None else Path(ckpt)
+        client = self.engine.load(str(src.parent), src.name)
         state = client.get("vidssl")
         if not isinstance(state, dict):
             raise UserError(f"resume: {str(ckpt)!r} lacks vidssl's training state (not written by vidssl pretrain?)")
         rngs = state.get("rng") or []
-        if len(rngs) != self.engine.world_size:
+        if len(rngs) == self.engine.world_size:
+            set_rng_state(rngs[self.engine.rank])
+        elif seed is not None:
+            reseed(seed, int(state.get("step", 0)), self.engine.rank)
+        else:
             raise UserError(f"resume: {str(ckpt)!r} holds RNG states of {len(rngs)} ranks; this run has "
                             f"{self.engine.world_size}")
-        set_rng_state(rngs[self.engine.rank])
         return state

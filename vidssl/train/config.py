@@ -71,6 +71,10 @@ class TrainConfig(Config):
     resume: str = field(default="auto", metadata=spec(
         help="auto: continue from the newest complete checkpoint in run.dir if there is one; none: start fresh "
              "(refused if run.dir already has checkpoints); or a checkpoint folder path"))
+    elastic_resume: bool = field(default=False, metadata=spec(
+        help="allow resuming a checkpoint written by another number of ranks: DeepSpeed re-partitions the "
+             "model and optimizer states (universal checkpoint), the data continues at the same point of the "
+             "epoch (the rest of that epoch is approximate, exact from the next), per-rank RNGs are re-seeded"))
     max_bad_steps: int = field(default=5, metadata=spec(
         ge=1, help="consecutive non-finite losses (each skipped with a warning) that abort the run"))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=spec(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ def preflight(cfg) -> Preflight:
             classes = list(ix.classes)
     resume_from = resolve_resume(cfg.train.resume, cfg.run.dir)
     if resume_from is not None:
-        check_compatible(read_meta(resume_from), cfg.to_dict(), world, resume_from)
+        check_compatible(read_meta(resume_from), cfg.to_dict(), world, resume_from, elastic=cfg.train.elastic_resume)
     return Preflight(device, world, ds_config, resume_from, samples, classes)
 
 
@@ -124,7 +125,13 @@ def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | Non
     import torch  # noqa: PLC0415
 
     from vidssl.data import build_loader  # noqa: PLC0415
-    from vidssl.train.checkpoint import Checkpointer  # noqa: PLC0415
+    from vidssl.train.checkpoint import (  # noqa: PLC0415
+        Checkpointer,
+        check_compatible,
+        has_partitioned_optimizer,
+        read_meta,
+        to_universal,
+    )
     from vidssl.train.engine import init_distributed, init_engine, resolve_env  # noqa: PLC0415
     from vidssl.train.loop import TrainState, train_loop  # noqa: PLC0415
     from vidssl.train.metrics import open_metrics, read_metrics  # noqa: PLC0415
@@ -146,6 +153,7 @@ def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | Non
     run_dir = Path(cfg.run.dir)
     engine = None
     loader = None
+    universal = None
     try:
         if env.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -162,18 +170,57 @@ def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | Non
         groups = task.param_groups()
         name_of = {id(p): n for n, p in task.named_parameters()}
         group_names = [[name_of[id(p)] for p in g["params"]] for g in groups]  # lets export find fp32 masters
-        engine = init_engine(task, groups, pre.ds_config, env, pre.device)
+        saved_world = _saved_world_size(pre.resume_from) or env.world_size
+        ds_config = pre.ds_config
+        if pre.resume_from is not None and saved_world != env.world_size:
+            check_compatible(read_meta(pre.resume_from), cfg.to_dict(), env.world_size, pre.resume_from,
+                             elastic=cfg.train.elastic_resume)
+            if has_partitioned_optimizer(pre.resume_from):
+                # Re-partition the optimizer states (and fp32 masters) for this world size: rank 0
+                # converts, every rank loads its new partition from the per-parameter files.
+                universal = run_dir / "checkpoints" / ".universal" / pre.resume_from.name
+                failed = [None]
+                if env.rank == 0:
+                    try:
+                        to_universal(pre.resume_from, universal)
+                    except UserError as exc:
+                        failed = [str(exc)]
+                torch.distributed.broadcast_object_list(failed, src=0)  # every rank stops with rank 0's reason
+                if failed[0]:
+                    raise UserError(failed[0])
+                ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        engine = init_engine(task, groups, ds_config, env, pre.device)
         task.place(engine.device)
         seed_everything(cfg.train.seed * 1000 + env.rank + 1)
         state = TrainState()
         ckpt = Checkpointer(run_dir, engine, keep=cfg.train.keep_checkpoints)
         if pre.resume_from is not None:
-            saved = ckpt.load(pre.resume_from)
-            loader.load_state_dict(saved["loader"])
+            elastic = saved_world != env.world_size
+            saved = ckpt.load(pre.resume_from, seed=cfg.train.seed if elastic else None, source=universal)
+            loader.load_state_dict(saved["loader"], reshard=elastic)
+            if elastic:
+                old_w = saved["loader"]["world_size"]
+                old_accum = int(read_meta(pre.resume_from).get("config", {}).get("train", {}).get(
+                    "grad_accum", cfg.train.grad_accum))
+                log.warning("elastic resume: checkpoint %s was written by %d ranks, resuming on %d: global batch "
+                            "%d -> %d (train.lr and train.max_steps are not rescaled); epoch %d continues at "
+                            "batch %d of %d per rank (approximate for the rest of this epoch, exact after); "
+                            "per-rank RNGs re-seeded", pre.resume_from.name, old_w, env.world_size,
+                            cfg.data.batch_size * old_accum * old_w,
+                            cfg.data.batch_size * cfg.train.grad_accum * env.world_size, loader.epoch,
+                            loader.state_dict()["batches"], len(loader))
+            if universal is not None:
+                torch.distributed.barrier()  # every rank has read its partition
+                if env.rank == 0:
+                    shutil.rmtree(universal, ignore_errors=True)
+                    try:
+                        universal.parent.rmdir()
+                    except OSError:
+                        pass
             task.load_extra_state(saved.get("extra", {}))
             state = TrainState(**saved["train_state"])
             log.info("resumed from %s at step %d (epoch %d, batch %d)", pre.resume_from, state.step,
-                     saved["loader"]["epoch"], saved["loader"]["batches"])
+                     loader.epoch, loader.state_dict()["batches"])
             if state.step >= cfg.train.max_steps:
                 log.warning("checkpoint step %d >= train.max_steps %d: nothing to train", state.step,
                             cfg.train.max_steps)
@@ -206,6 +253,14 @@ def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | Non
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+
+def _saved_world_size(ckpt: Path | None) -> int | None:
+    if ckpt is None:
+        return None
+    from vidssl.train.checkpoint import read_meta  # noqa: PLC0415
+
+    return int(read_meta(ckpt).get("world_size", 0)) or None
 
 
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
