@@ -154,6 +154,11 @@ def test_resume_on_another_world_size_is_refused_unless_elastic(two_ranks, ssl_s
     err = capsys.readouterr().err
     assert "written by 2 ranks and this run has 1" in err and "train.elastic_resume=true" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing touched
+    # With the switch, --dry-run says what the resume will do.
+    assert pretrain(["--dry-run", *tiny(ssl_shards, run, "train.max_steps=4", f"deepspeed.zero_stage={stage}",
+                                        "train.elastic_resume=true")]) == 0
+    assert "(elastic: written by 2 ranks, re-partitioned for 1)" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
 def test_elastic_resume_repartitions_zero_states_from_two_ranks_to_one(two_ranks, ssl_shards, tmp_path):

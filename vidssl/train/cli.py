@@ -192,7 +192,15 @@ def dry_run(cfg) -> dict:
     print(f"FLOPs: backbone forward {backbone_fwd / 1e9:.3f} GFLOPs per clip of context shape "
           f"{list(x.shape)}; training ~{3 * step_fwd / 1e9:.3f} GFLOPs per sample (3 x the task's forward over "
           f"all its windows, counted with torch.utils.flop_counter)")
-    print(f"device {pre.device}, world size {pre.world_size}, {pre.samples} samples, resume: {out['resume_from']}")
+    resume = out["resume_from"]
+    if pre.resume_from is not None:
+        from vidssl.train.checkpoint import read_meta  # noqa: PLC0415
+
+        saved_world = int(read_meta(pre.resume_from).get("world_size", pre.world_size))
+        if saved_world != pre.world_size:  # preflight let it through: train.elastic_resume is on
+            resume += f" (elastic: written by {saved_world} ranks, re-partitioned for {pre.world_size})"
+            out["resume_elastic_from_world_size"] = saved_world
+    print(f"device {pre.device}, world size {pre.world_size}, {pre.samples} samples, resume: {resume}")
     print("generated DeepSpeed config:")
     print(json.dumps(pre.ds_config, indent=2))
     return out
