@@ -299,15 +299,55 @@ def test_bench_models_cli_smoke(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     code = main(["bench", "models", "--backbones", "vit_tiny", "--repeats", "1", "--warmup", "0", "--batch", "2",
-                 "--frames", "2", "--size", "16", "--json", str(out)])
+                 "--frames", "2", "--size", "16", "--activation-checkpointing", "--json", str(out)])
     assert code == 0
     res = json.loads(out.read_text())
     names = [r["backbone"] for r in res["results"]]
-    assert names == ["cnn3d_small", "vit_tiny"]  # the baseline is always measured in the same run
-    assert all(r["fwd_bwd_ms_per_clip"] > 0 for r in res["results"])
+    # The baseline is always measured in the same run; only the ViT recomputes its blocks.
+    assert names == ["cnn3d_small", "vit_tiny", "vit_tiny+ckpt"]
+    assert all(r["fwd_bwd_ms_per_clip"] > 0 and r["kept_mb_per_clip"] > 0 for r in res["results"])
+    kept = {r["backbone"]: r["kept_mb_per_clip"] for r in res["results"]}
+    assert kept["vit_tiny+ckpt"] < kept["vit_tiny"]
     assert res["results"][0]["fwd_bwd_ratio_vs_baseline"] == 1.0
     assert "vit_tiny" in capsys.readouterr().out
     assert main(["bench", "models", "--backbones", "vit_tiny", "--frames", "3"]) == 2
     assert "ViT backbones need an even number of frames" in capsys.readouterr().err
     assert main(["bench", "models", "--backbones", "resnet9000"]) == 2
     assert "unknown backbone 'resnet9000'" in capsys.readouterr().err
+
+
+# ---- activation checkpointing -----------------------------------------------------------------
+
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_far_fewer_activations():
+    from vidssl.bench.models import saved_bytes
+
+    x = torch.randn(2, 3, 4, 64, 64)
+    results = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        net = build_backbone("vit_tiny", depth=4, img_size=64, num_frames=4, drop_path=0.3).train()
+        net.set_activation_checkpointing(on)
+        torch.manual_seed(1)  # the same stochastic-depth masks on both sides (and again in the recompute)
+        out = []
+        saved = saved_bytes(lambda: out.append(net.forward_features(x)), net)
+        out = out[0]
+        out.square().mean().backward()
+        results[on] = (saved, out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()})
+    (s_off, y_off, g_off), (s_on, y_on, g_on) = results[False], results[True]
+    torch.testing.assert_close(y_on, y_off, rtol=0, atol=0)
+    for n in g_off:
+        torch.testing.assert_close(g_on[n], g_off[n], rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+    assert s_on < 0.25 * s_off, (s_on, s_off)  # only the block inputs stay: ~4x-10x less here
+    # Without gradients (inference, EMA targets) nothing is recomputed and the output is the same.
+    with torch.no_grad():
+        torch.manual_seed(1)
+        torch.testing.assert_close(net.eval().forward_features(x), net.forward_features(x))
+
+
+def test_activation_checkpointing_is_refused_for_backbones_that_cannot_recompute():
+    net = build_backbone_from_config(ModelConfig(backbone="vit_tiny", backbone_kwargs={"depth": 1},
+                                                 activation_checkpointing=True))
+    assert net.checkpoint_blocks
+    with pytest.raises(ConfigError, match=r"model.activation_checkpointing: backbone 'cnn3d_small' does not "
+                                          r"support it \(the built-in ones that do: vit_tiny, vit_small, vit_base"):
+        build_backbone_from_config(ModelConfig(backbone="cnn3d_small", activation_checkpointing=True))

@@ -524,3 +524,17 @@ def test_knn_monitor_during_pretraining_logs_accuracy_without_changing_the_losse
 def test_knn_without_datasets_is_a_config_error(tmp_path, ssl_shards, capsys):
     assert pretrain(tiny(ssl_shards, tmp_path / "r", "knn.every=5")) == 2
     assert "knn.train" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_trains_a_vit_to_the_same_losses_under_zero3(tmp_path, ssl_shards):
+    vit = [a for a in TINY if not a.startswith("model.backbone_kwargs")]
+    vit += ["model.backbone=vit_tiny", "model.backbone_kwargs={depth: 2, img_size: 32, num_frames: 4, drop_path: 0.2}",
+            "train.max_steps=3", "deepspeed.zero_stage=3"]
+    losses = {}
+    for on in ("false", "true"):
+        run = tmp_path / f"ac-{on}"
+        assert main(["pretrain", *vit, f"data.dataset={ssl_shards}", f"run.dir={run}",
+                     f"model.activation_checkpointing={on}"]) == 0
+        losses[on] = [x["loss"] for x in rows(run)]
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)

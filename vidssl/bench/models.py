@@ -3,8 +3,12 @@
 Each backbone runs ``--repeats`` timed iterations (after ``--warmup``; backbones interleaved in
 each repeat) on a random batch of ``--batch`` clips of ``--frames`` x ``--size`` x ``--size``
 (train mode; "forward" without autograd, "fwd+bwd" a forward with autograd plus backward of the
-mean feature). The report gives medians per clip (and the fastest fwd+bwd) and the ratio of the
-median fwd+bwd time against the baseline backbone (``--baseline``, timed in the same run).
+mean feature). The report gives medians per clip (and the fastest fwd+bwd), the ratio of the
+median fwd+bwd time against the baseline backbone (``--baseline``, timed in the same run), and the
+activation memory autograd keeps for the backward pass per clip (bytes of the saved tensors, counted
+with ``torch.autograd.graph.saved_tensors_hooks``: what training holds on any device, independent of
+the allocator). ``--activation-checkpointing`` adds a ``NAME+ckpt`` row for each backbone that
+supports it (``model.activation_checkpointing``), timed in the same round-robin.
 """
 
 from __future__ import annotations
@@ -28,8 +32,29 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed iterations per backbone (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="also time each backbone that supports it with model.activation_checkpointing on")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=run)
+
+
+def saved_bytes(fn, module=None) -> int:
+    """Bytes of the activations autograd keeps for the backward pass while ``fn()`` runs: storage
+    shared between saved tensors is counted once, ``module``'s parameters (held anyway) not at all."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()} if module is not None else set()
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
 def run(args) -> int:
@@ -59,6 +84,12 @@ def run(args) -> int:
     for name in names:
         torch.manual_seed(0)
         nets[name] = build_backbone(name).train()
+        if args.activation_checkpointing and nets[name].supports_activation_checkpointing:
+            torch.manual_seed(0)
+            nets[f"{name}+ckpt"] = build_backbone(name).train()
+            nets[f"{name}+ckpt"].set_activation_checkpointing(True)
+    kept = {name: saved_bytes(lambda net=net: net.forward_features(x), net) / args.batch for name, net in nets.items()}
+    names = list(nets)
     fwd: dict[str, list[float]] = {n: [] for n in names}
     fb: dict[str, list[float]] = {n: [] for n in names}
     # Round-robin over the backbones inside each repeat, so load from other processes on a shared
@@ -81,18 +112,18 @@ def run(args) -> int:
                      "embed_dim": net.embed_dim, "steps": net.out_steps(args.frames),
                      "forward_ms_per_clip": 1e3 * statistics.median(fwd[name]),
                      "fwd_bwd_ms_per_clip": 1e3 * statistics.median(fb[name]),
-                     "fwd_bwd_ms_min": 1e3 * min(fb[name])})
+                     "fwd_bwd_ms_min": 1e3 * min(fb[name]), "kept_mb_per_clip": kept[name] / 2**20})
     base = next(r for r in rows if r["backbone"] == args.baseline)
     for r in rows:
         r["fwd_bwd_ratio_vs_baseline"] = r["fwd_bwd_ms_per_clip"] / base["fwd_bwd_ms_per_clip"]
     print(f"clips {args.batch} x {args.frames} x {args.size}x{args.size}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}; ratio: fwd+bwd time / {args.baseline}'s")
-    print(f"{'backbone':<13} {'params':>8} {'D':>5} {'T_':>3} {'fwd ms/clip':>12} {'fwd+bwd ms/clip':>16} "
-          f"{'(min)':>7} {'ratio':>7}")
+    print(f"{'backbone':<16} {'params':>8} {'D':>5} {'T_':>3} {'fwd ms/clip':>12} {'fwd+bwd ms/clip':>16} "
+          f"{'(min)':>7} {'ratio':>7} {'kept MB/clip':>13}")
     for r in rows:
-        print(f"{r['backbone']:<13} {r['params_m']:>7.1f}M {r['embed_dim']:>5} {r['steps']:>3} "
+        print(f"{r['backbone']:<16} {r['params_m']:>7.1f}M {r['embed_dim']:>5} {r['steps']:>3} "
               f"{r['forward_ms_per_clip']:>12.1f} {r['fwd_bwd_ms_per_clip']:>16.1f} {r['fwd_bwd_ms_min']:>7.1f} "
-              f"{r['fwd_bwd_ratio_vs_baseline']:>7.2f}")
+              f"{r['fwd_bwd_ratio_vs_baseline']:>7.2f} {r['kept_mb_per_clip']:>13.1f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"batch": args.batch, "frames": args.frames, "size": args.size, "repeats": args.repeats,

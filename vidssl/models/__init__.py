@@ -53,8 +53,20 @@ def build_backbone_from_config(cfg) -> Any:
     """
     from vidssl.models.registry import build_backbone  # noqa: PLC0415
 
+    from vidssl.config import ConfigError  # noqa: PLC0415
+
     key = getattr(cfg, "_config_path", "") or "model"
-    return build_backbone(cfg.backbone, weights_path=cfg.weights_path, _key=key, **cfg.backbone_kwargs)
+    net = build_backbone(cfg.backbone, weights_path=cfg.weights_path, _key=key, **cfg.backbone_kwargs)
+    if getattr(cfg, "activation_checkpointing", False):
+        if not net.supports_activation_checkpointing:
+            from vidssl.models.registry import builtin_backbones  # noqa: PLC0415
+
+            ok = ", ".join(n for n in builtin_backbones() if n.startswith("vit_"))
+            raise ConfigError(f"{key}.activation_checkpointing: backbone {cfg.backbone!r} does not support it "
+                              f"(the built-in ones that do: {ok}; a BatchNorm network would update its running "
+                              f"statistics twice); set it to false")
+        net.set_activation_checkpointing(True)
+    return net
 
 
 def __getattr__(name: str) -> Any:

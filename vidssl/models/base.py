@@ -86,6 +86,17 @@ class VideoBackbone(nn.Module):
         """T' produced for a clip of ``frames`` frames."""
         raise NotImplementedError
 
+    #: Whether :meth:`set_activation_checkpointing` can switch recomputation on (see ``model.activation_checkpointing``).
+    supports_activation_checkpointing: bool = False
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute activations in the backward pass instead of storing them (less memory, more compute).
+
+        Backbones that support it set ``supports_activation_checkpointing`` and override this; the
+        others refuse ``enabled=True`` (e.g. BatchNorm would update its running statistics twice)."""
+        if enabled:
+            raise UserError(f"{type(self).__name__} does not support activation checkpointing")
+
     def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a foreign state dict (e.g. torchvision's) onto this module's keys before a strict load."""
         return dict(state_dict)

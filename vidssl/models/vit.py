@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vidssl.models.base import InputShapeError, VideoBackbone
 from vidssl.models.registry import OptionError, register_backbone
@@ -155,7 +156,16 @@ class VideoViT(VideoBackbone):
         dps = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(Block(dim, heads, drop_path=dps[i]) for i in range(depth))
         self.norm = nn.LayerNorm(dim)
+        self.checkpoint_blocks = False
         self.apply(self._init)
+
+    supports_activation_checkpointing = True
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Keep only each block's input in the forward pass and recompute the block in the backward
+        pass (``torch.utils.checkpoint``, non-reentrant; stochastic depth draws the same masks again).
+        Only while gradients are recorded: inference and EMA targets run as before."""
+        self.checkpoint_blocks = bool(enabled)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -194,8 +204,9 @@ class VideoViT(VideoBackbone):
         z = self.patch_embed(x)  # (B, D, t, h, w)
         z = z.flatten(2).transpose(1, 2)  # (B, t*h*w, D), t slowest
         z = z + self.pos_embed(t, h, w, z.device, z.dtype)[None]
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled() and z.requires_grad
         for blk in self.blocks:
-            z = blk(z)
+            z = checkpoint(blk, z, use_reentrant=False) if recompute else blk(z)
         z = self.norm(z)
         return z.view(b, t, h * w, self.embed_dim)  # (B, T', N, D)
 
