@@ -271,9 +271,11 @@ def test_zero_stages_give_the_same_losses_in_fp32_and_export_consolidated_weight
     from vidssl.train.cli import export_run
 
     # ZeRO's flat, partitioned buffers sum gradients in another order than ZeRO-0, so they differ in
-    # the last bits. AdamW divides by sqrt(v) + eps: at eps=1e-8 an element whose gradient is ~0
-    # (noise only) moves by up to lr either way, so a few elements would differ by ~lr between stages
-    # by chance. eps=1e-5 keeps that amplification ~100x, well inside the tolerance below.
+    # the last bits. AdamW divides by sqrt(v) + eps: an element whose gradient is ~0 (noise only) can
+    # move by up to ~lr per step either way, so a few elements differ by chance (CI saw 2.4e-4 on 4
+    # of 13,824 at eps=1e-8; this machine 1.2e-4 on 1 of 3,456 at eps=1e-5 after other trainings in the same
+    # process). eps=1e-5 makes that rarer; the check below allows it for a handful of elements only.
+    # A stage that gathers, orders or partitions wrongly moves whole tensors and still fails.
     losses, weights = {}, {}
     for stage in (0, 1, 2, 3):
         run = tmp_path / f"z{stage}"
@@ -281,15 +283,20 @@ def test_zero_stages_give_the_same_losses_in_fp32_and_export_consolidated_weight
                              f"deepspeed.zero_stage={stage}")) == 0
         losses[stage] = [x["loss"] for x in rows(run)]
         weights[stage] = torch.load(export_run(str(run))["file"], weights_only=True)
+    adam_reach = 3 * 1e-3  # 3 steps of at most ~lr (1e-3) each
     for stage in (1, 2, 3):
         assert losses[stage][0] == pytest.approx(losses[0][0], rel=1e-6), stage
         assert losses[stage] == pytest.approx(losses[0], rel=1e-3), stage
         # Consolidated (gathered from the partitions under ZeRO-3) fp32 weights, close to ZeRO-0's.
         assert weights[stage].keys() == weights[0].keys()
         for k, v in weights[0].items():
-            assert weights[stage][k].dtype == v.dtype and weights[stage][k].shape == v.shape, (stage, k)
-            torch.testing.assert_close(weights[stage][k], v, rtol=1e-3, atol=1e-4,
-                                       msg=lambda m, stage=stage, k=k: f"ZeRO-{stage} vs ZeRO-0, {k}: {m}")
+            w = weights[stage][k]
+            assert w.dtype == v.dtype and w.shape == v.shape, (stage, k)
+            d = (w.double() - v.double()).abs()
+            off = int((d > 1e-4 + 1e-3 * v.double().abs()).sum())
+            assert off <= max(2, v.numel() // 1000), f"ZeRO-{stage} vs ZeRO-0, {k}: {off} of {v.numel()} differ"
+            assert d.max() <= 2 * adam_reach, f"ZeRO-{stage} vs ZeRO-0, {k}: max difference {d.max():.3g}"
+            assert d.norm() <= 1e-3 * v.double().norm() + 1e-6, f"ZeRO-{stage} vs ZeRO-0, {k}: norm {d.norm():.3g}"
 
 
 # ---- non-finite losses --------------------------------------------------------------------------

@@ -170,11 +170,11 @@ def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | Non
         groups = task.param_groups()
         name_of = {id(p): n for n, p in task.named_parameters()}
         group_names = [[name_of[id(p)] for p in g["params"]] for g in groups]  # lets export find fp32 masters
-        saved_world = _saved_world_size(pre.resume_from) or env.world_size
+        meta = read_meta(pre.resume_from) if pre.resume_from is not None else {}
+        saved_world = int(meta.get("world_size", 0)) or env.world_size
         ds_config = pre.ds_config
         if pre.resume_from is not None and saved_world != env.world_size:
-            check_compatible(read_meta(pre.resume_from), cfg.to_dict(), env.world_size, pre.resume_from,
-                             elastic=cfg.train.elastic_resume)
+            check_compatible(meta, cfg.to_dict(), env.world_size, pre.resume_from, elastic=cfg.train.elastic_resume)
             if has_partitioned_optimizer(pre.resume_from):
                 # Re-partition the optimizer states (and fp32 masters) for this world size: rank 0
                 # converts, every rank loads its new partition from the per-parameter files.
@@ -200,8 +200,7 @@ def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | Non
             loader.load_state_dict(saved["loader"], reshard=elastic)
             if elastic:
                 old_w = saved["loader"]["world_size"]
-                old_accum = int(read_meta(pre.resume_from).get("config", {}).get("train", {}).get(
-                    "grad_accum", cfg.train.grad_accum))
+                old_accum = int(meta.get("config", {}).get("train", {}).get("grad_accum", cfg.train.grad_accum))
                 log.warning("elastic resume: checkpoint %s was written by %d ranks, resuming on %d: global batch "
                             "%d -> %d (train.lr and train.max_steps are not rescaled); epoch %d continues at "
                             "batch %d of %d per rank (approximate for the rest of this epoch, exact after); "
@@ -253,14 +252,6 @@ def run_training(cfg, build_task: Callable[[Any], Any], *, local_rank: int | Non
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-
-
-def _saved_world_size(ckpt: Path | None) -> int | None:
-    if ckpt is None:
-        return None
-    from vidssl.train.checkpoint import read_meta  # noqa: PLC0415
-
-    return int(read_meta(ckpt).get("world_size", 0)) or None
 
 
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
